@@ -1,0 +1,1 @@
+"""fastrl_kernels: fused loss kernels for RL fine-tuning."""

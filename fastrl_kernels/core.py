@@ -1,0 +1,74 @@
+"""The contract between the loss algebra and the backends: two primitives over ``[N, V]`` logits.
+
+Every backend (``torch_backend``, ``native``, ``triton``) exposes two functions with these
+signatures and nothing else on the N x V path (SPEC section 6b)::
+
+    stats(logits, targets, params, with_log_sum_p2=False) -> CoreStats
+    grad(logits, targets, stats, g_lp, g_entropy, params, out=None) -> Tensor
+
+Math, for a row z of logits, target y, x = transform(z) (see ``CoreParams``):
+
+    lse = log sum_j e^{x_j},  p_j = e^{x_j - lse},  logp = x_y - lse,
+    entropy = lse - E,  E = sum_j p_j x_j,  log_sum_p2 = log sum_j p_j^2
+    dL/dz_j = dx_j/dz_j * [g_lp (1[j=y] - p_j) - g_entropy p_j (x_j - E)]
+
+Rows whose target equals ``params.ignore_index`` have logp = entropy = 0 and a zero gradient row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class CoreParams:
+    """Options of the core op; runtime values, never compile-time constants.
+
+    x = c * tanh(logit_scale * z / c) / temperature when ``softcap`` = c is set
+    (Gemma-2 final_logit_softcapping), else x = logit_scale * z / temperature.
+    """
+
+    temperature: float = 1.0
+    logit_scale: float = 1.0
+    softcap: Optional[float] = None
+    ignore_index: int = -100
+
+
+class CoreStats(NamedTuple):
+    """Per-row statistics of pass 1, all float32 of shape ``[N]``.
+
+    ``lse`` and ``mean_x`` are in x units (after scale/softcap/temperature); pass 2 needs only them.
+    ``log_sum_p2`` is ``None`` unless asked for (WPO weights).
+    """
+
+    logp: torch.Tensor
+    entropy: torch.Tensor
+    lse: torch.Tensor
+    mean_x: torch.Tensor
+    log_sum_p2: Optional[torch.Tensor] = None
+
+
+class Primitives(Protocol):
+    """What a backend module provides."""
+
+    def stats(
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        params: CoreParams,
+        with_log_sum_p2: bool = False,
+    ) -> CoreStats: ...
+
+    def grad(
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        stats: CoreStats,
+        g_lp: torch.Tensor,
+        g_entropy: torch.Tensor,
+        params: CoreParams,
+        out: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor: ...
