@@ -1,1 +1,46 @@
-"""fastrl_kernels: fused loss kernels for RL fine-tuning."""
+"""fastrl_kernels: fused, memory-lean loss kernels for RL fine-tuning of language models.
+
+Public API (SPEC section 3). Imports are lazy: ``import fastrl_kernels`` loads no kernel backend,
+touches no CUDA state and compiles nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "PolicyLossConfig": "fastrl_kernels.config",
+    "DPOConfig": "fastrl_kernels.config",
+    "token_logprobs": "fastrl_kernels.ops.logprobs",
+    "policy_loss": "fastrl_kernels.ops.policy_loss",
+    "PolicyLossOutput": "fastrl_kernels.ops.policy_loss",
+    "policy_loss_from_logprobs": "fastrl_kernels.losses.policy",
+    "dpo_loss": "fastrl_kernels.ops.dpo_loss",
+    "fused_dpo_loss": "fastrl_kernels.ops.dpo_loss",
+    "DPOOutput": "fastrl_kernels.ops.dpo_loss",
+    "linear_token_logprobs": "fastrl_kernels.ops.linear",
+    "linear_policy_loss": "fastrl_kernels.ops.linear",
+    "linear_dpo_loss": "fastrl_kernels.ops.linear",
+    "gae": "fastrl_kernels.ops.advantages",
+    "group_advantages": "fastrl_kernels.ops.advantages",
+    "value_loss": "fastrl_kernels.ops.advantages",
+    "available_backends": "fastrl_kernels.backends",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fastrl_kernels' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return __all__

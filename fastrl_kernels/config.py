@@ -5,8 +5,9 @@ Every error names the argument, what was expected and what was given.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -105,7 +106,7 @@ class PolicyLossConfig:
     def resolved_entropy_agg(self) -> str:
         return self.entropy_agg if self.entropy_agg is not None else self.loss_agg
 
-    def with_overrides(self, **overrides: Any) -> "PolicyLossConfig":
+    def with_overrides(self, **overrides: Any) -> PolicyLossConfig:
         return replace(self, **_known_fields(type(self), overrides))
 
 
@@ -197,9 +198,33 @@ def as_float_mask(mask: Optional[torch.Tensor], shape: Sequence[int], like: torc
     raise TypeError(f"{name}: expected a bool or {{0,1}} numeric tensor, got {mask.dtype}")
 
 
+DPO_LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "robust",
+    "exo_pair",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "apo_zero",
+    "apo_down",
+    "aot",
+    "aot_unpaired",
+    "discopop",
+)
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+
+
 @dataclass(frozen=True)
 class DPOConfig:
-    """Options of the DPO family (SPEC section 4, DPO paragraph); see ``fastrl_kernels.reference.dpo``."""
+    """Options of the DPO family (SPEC section 4, DPO paragraph); see ``fastrl_kernels.reference.dpo``.
+
+    ``loss_type`` is one name of ``DPO_LOSS_TYPES`` or a sequence of them (a mixture, TRL's list
+    ``loss_type`` with ``loss_weights``; None = weight 1 each), stored as a str or a tuple.
+    ``ld_alpha``, ``use_weighting`` and ``average_logps`` shape the sequence log-probs and therefore
+    act in ``fused_dpo_loss`` only.
+    """
 
     beta: float = 0.1
     loss_type: Union[str, tuple] = "sigmoid"
@@ -210,6 +235,42 @@ class DPOConfig:
     ld_alpha: Optional[float] = None
     use_weighting: bool = False
     average_logps: bool = False
+    discopop_tau: float = 0.05
 
-    def with_overrides(self, **overrides: Any) -> "DPOConfig":
+    def __post_init__(self) -> None:
+        if not (isinstance(self.beta, (int, float)) and self.beta > 0):
+            raise ValueError(f"beta: expected a number > 0, got {self.beta!r}")
+        types = (self.loss_type,) if isinstance(self.loss_type, str) else tuple(self.loss_type)
+        if not types:
+            raise ValueError("loss_type: expected a name or a non-empty sequence of names, got []")
+        for name in types:
+            _check_choice("loss_type", name, DPO_LOSS_TYPES)
+        if not isinstance(self.loss_type, str):
+            object.__setattr__(self, "loss_type", types)
+        if self.loss_weights is not None:
+            weights = tuple(float(w) for w in self.loss_weights)
+            if len(weights) != len(types):
+                raise ValueError(
+                    f"loss_weights: expected {len(types)} weight(s), one per loss_type, got {len(weights)}"
+                )
+            object.__setattr__(self, "loss_weights", weights)
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing: expected a number in [0, 0.5), got {self.label_smoothing!r}")
+        _check_choice("f_divergence", self.f_divergence, F_DIVERGENCES)
+        if not (isinstance(self.f_alpha, (int, float)) and abs(self.f_alpha) < float("inf")):
+            raise ValueError(f"f_alpha: expected a finite number, got {self.f_alpha!r}")
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            raise ValueError(f"ld_alpha: expected None or a number in [0, 1], got {self.ld_alpha!r}")
+        if not self.discopop_tau > 0:
+            raise ValueError(f"discopop_tau: expected a number > 0, got {self.discopop_tau!r}")
+
+    @property
+    def loss_types(self) -> tuple:
+        return (self.loss_type,) if isinstance(self.loss_type, str) else self.loss_type
+
+    @property
+    def resolved_loss_weights(self) -> tuple:
+        return self.loss_weights if self.loss_weights is not None else (1.0,) * len(self.loss_types)
+
+    def with_overrides(self, **overrides: Any) -> DPOConfig:
         return replace(self, **_known_fields(type(self), overrides))

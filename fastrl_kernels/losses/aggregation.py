@@ -1,0 +1,45 @@
+"""Reduction of per-token values ``[B, T]`` to the scalar loss (SPEC section 4, ``loss_agg``).
+
+Each mode divides by a default denominator that ``normalizer`` replaces (a global count across
+micro-batches and ranks: DAPO / BNPO, TRL's ``num_items_in_batch``). Empty masks give 0, never NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+Normalizer = Optional[Union[float, int, torch.Tensor]]
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum(mask * values) / max(sum(mask), 1): 0 for an empty mask."""
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str, normalizer: Normalizer = None) -> torch.Tensor:
+    """Aggregate ``values [B, T]`` under float ``mask [B, T]``; ``mode`` is a canonical name of config.py.
+
+    token-mean (verl "token-mean", TRL "bnpo"/"dapo"), seq-mean-token-mean (TRL "grpo"),
+    seq-mean-token-sum, seq-mean-token-sum-norm (Dr. GRPO: / (B * T), TRL "dr_grpo"), sum.
+    """
+    masked = values * mask
+    batch, length = values.shape
+    if mode == "seq-mean-token-mean":
+        total = (masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).sum()
+        default = float(batch)
+    else:
+        total = masked.sum()
+        if mode == "token-mean":
+            default = mask.sum().clamp(min=1.0)
+        elif mode == "seq-mean-token-sum":
+            default = float(batch)
+        elif mode == "seq-mean-token-sum-norm":
+            default = float(batch * length)
+        elif mode == "sum":
+            default = 1.0
+        else:
+            raise ValueError(f"loss_agg: unknown mode {mode!r}")
+    denominator = default if normalizer is None else normalizer
+    return total / denominator

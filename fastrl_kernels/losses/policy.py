@@ -1,0 +1,111 @@
+"""The PPO / GRPO family on per-token log-probs: O(N) algebra shared by every backend.
+
+``policy_loss_from_logprobs`` is ordinary differentiable PyTorch on ``[B, T]`` tensors. The fused
+ops call it inside their forward and take dL/dlogp, dL/dH from autograd on it (SPEC section 6b);
+it is public too, for callers who already hold log-probs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..config import PolicyLossConfig
+from .aggregation import Normalizer, aggregate, masked_mean
+from .kl import kl_penalty
+
+
+def _sequence_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO's length-normalised sequence log-ratio, broadcast over tokens: [B, 1]."""
+    return ((log_ratio * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).unsqueeze(1)
+
+
+def _ratio(logp: torch.Tensor, old: torch.Tensor, mask: torch.Tensor, loss_type: str) -> torch.Tensor:
+    log_ratio = logp - old
+    if loss_type == "gspo":
+        return torch.exp(_sequence_log_ratio(log_ratio, mask)).expand_as(logp)
+    if loss_type == "gspo_token":
+        seq = _sequence_log_ratio(log_ratio.detach(), mask)
+        return torch.exp(seq + logp - logp.detach())
+    return torch.exp(log_ratio)
+
+
+def _clipped_surrogate(ratio: torch.Tensor, adv: torch.Tensor, cfg: PolicyLossConfig) -> torch.Tensor:
+    capped = ratio.clamp(max=cfg.delta) if cfg.delta is not None else ratio
+    clipped = ratio.clamp(1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high)
+    loss = torch.maximum(-adv * capped, -adv * clipped)
+    if cfg.dual_clip is not None:
+        loss = torch.where(adv < 0, torch.minimum(loss, -cfg.dual_clip * adv), loss)
+    return loss
+
+
+def per_token_policy_loss(
+    logp: torch.Tensor, ratio: torch.Tensor, adv: torch.Tensor, cfg: PolicyLossConfig
+) -> torch.Tensor:
+    """The policy term of one token for ``cfg.loss_type`` (before is_weights, KL and entropy)."""
+    if cfg.loss_type in ("clip", "gspo", "gspo_token"):
+        return _clipped_surrogate(ratio, adv, cfg)
+    if cfg.loss_type == "cispo":
+        weight = ratio.clamp(1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high).detach()
+        return -weight * adv * logp
+    if cfg.loss_type == "sapo":
+        temp = torch.where(adv > 0, cfg.sapo_temp_pos, cfg.sapo_temp_neg)
+        return -torch.sigmoid(temp * (ratio - 1.0)) * (4.0 / temp) * adv
+    raise ValueError(f"loss_type: unknown policy loss {cfg.loss_type!r}")
+
+
+def policy_loss_from_logprobs(
+    logp: torch.Tensor,
+    entropy: Optional[torch.Tensor],
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logprobs: Optional[torch.Tensor] = None,
+    is_weights: Optional[torch.Tensor] = None,
+    normalizer: Normalizer = None,
+    config: Optional[PolicyLossConfig] = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and metrics from per-token log-probs, all ``[B, T]`` (advantages may be ``[B, 1]``).
+
+    ``mask`` is float {0, 1}. ``entropy`` (exact H per token) may be None with entropy_mode "sampled".
+    Returns ``(loss 0-d, metrics)``; metrics are detached 0-d tensors (names in SPEC section 3).
+    """
+    cfg = config if config is not None else PolicyLossConfig()
+    if cfg.kl_coef != 0.0 and ref_logprobs is None:
+        raise ValueError("ref_logprobs: required when kl_coef != 0 (got None)")
+    adv = advantages.to(logp.dtype)
+    ratio = _ratio(logp, old_logprobs.to(logp.dtype), mask, cfg.loss_type)
+    token_loss = per_token_policy_loss(logp, ratio, adv, cfg)
+    if is_weights is not None:
+        token_loss = token_loss * is_weights.to(logp.dtype).detach()
+    kl = None
+    if ref_logprobs is not None:
+        kl = kl_penalty(logp, ref_logprobs.to(logp.dtype), cfg.kl_estimator, cfg.kl_clamp)
+        if cfg.kl_coef != 0.0:
+            token_loss = token_loss + cfg.kl_coef * kl
+    loss = aggregate(token_loss, mask, cfg.loss_agg, normalizer)
+    if cfg.entropy_mode == "sampled" or entropy is None:
+        bonus_entropy = -logp
+    else:
+        bonus_entropy = entropy
+    if cfg.entropy_coef != 0.0:
+        loss = loss - cfg.entropy_coef * aggregate(bonus_entropy, mask, cfg.resolved_entropy_agg, normalizer)
+    return loss, _metrics(ratio.detach(), adv, mask, kl, bonus_entropy.detach(), cfg)
+
+
+def _metrics(ratio, adv, mask, kl, bonus_entropy, cfg: PolicyLossConfig) -> dict[str, torch.Tensor]:
+    low = ((ratio < 1.0 - cfg.clip_eps_low) & (adv < 0)).to(ratio.dtype)
+    high = ((ratio > 1.0 + cfg.clip_eps_high) & (adv > 0)).to(ratio.dtype)
+    # ratio > 0 always, so masked-out entries set to 0 leave the max of the unmasked ones (0 if none).
+    ratio_max = torch.where(mask > 0, ratio, torch.zeros_like(ratio)).amax()
+    zero = torch.zeros((), dtype=ratio.dtype, device=ratio.device)
+    return {
+        "clip_frac_low": masked_mean(low, mask),
+        "clip_frac_high": masked_mean(high, mask),
+        "ratio_mean": masked_mean(ratio, mask),
+        "ratio_max": ratio_max,
+        "kl_mean": masked_mean(kl.detach(), mask) if kl is not None else zero,
+        "entropy_mean": masked_mean(bonus_entropy, mask),
+        "approx_kl": masked_mean(ratio - 1.0 - torch.log(ratio), mask),
+    }

@@ -1,0 +1,141 @@
+"""``policy_loss``: the PPO / GRPO family fused with token log-probs and entropy (SPEC sections 3, 4, 6b)."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+from ..config import (
+    PolicyLossConfig,
+    as_float_mask,
+    check_backend,
+    check_float_tensor,
+    check_logits_targets,
+    check_same_device,
+    check_shape,
+    resolve_config,
+)
+from ..losses.aggregation import Normalizer
+from ..losses.policy import policy_loss_from_logprobs
+from .fused import fused_logits_loss
+from .logprobs import core_params, flatten_rows
+
+
+class PolicyLossOutput(NamedTuple):
+    """loss: 0-d fp32; logprobs, entropy: fp32 of the leading shape; metrics: dict of 0-d fp32 tensors."""
+
+    loss: torch.Tensor
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+
+
+def _batch_shape(leading: torch.Size) -> tuple[int, int]:
+    return (leading[0], leading[1]) if len(leading) == 2 else (1, leading[0])
+
+
+def _check_policy_inputs(logits, targets, old_logprobs, advantages, ref_logprobs, is_weights, normalizer, cfg):
+    leading = tuple(logits.shape[:-1])
+    batch = leading[0] if len(leading) == 2 else None
+    for name, tensor in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs), ("is_weights", is_weights)):
+        if tensor is not None:
+            check_float_tensor(name, tensor)
+            check_shape(name, tensor, leading, "the leading shape of logits")
+    check_float_tensor("advantages", advantages)
+    if batch is not None and tuple(advantages.shape) == (batch,):
+        pass
+    else:
+        expected = f"{leading} per token" + (f" or ({batch},) per sequence" if batch is not None else "")
+        if tuple(advantages.shape) != leading:
+            raise ValueError(f"advantages: expected shape {expected}, got {tuple(advantages.shape)}")
+    check_same_device(
+        "logits", logits, old_logprobs=old_logprobs, advantages=advantages, ref_logprobs=ref_logprobs,
+        is_weights=is_weights, normalizer=normalizer if isinstance(normalizer, torch.Tensor) else None,
+    )
+    if cfg.kl_coef != 0.0 and ref_logprobs is None:
+        raise ValueError(f"ref_logprobs: required when kl_coef != 0 (kl_coef={cfg.kl_coef}), got None")
+
+
+def policy_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    ref_logprobs: Optional[torch.Tensor] = None,
+    config: Optional[PolicyLossConfig] = None,
+    normalizer: Normalizer = None,
+    is_weights: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    inplace_grad: bool = False,
+    ignore_index: int = -100,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    **config_overrides: Union[str, float, None],
+) -> PolicyLossOutput:
+    """Clipped-surrogate policy loss (+ KL to a reference, + entropy bonus) straight from logits.
+
+    Args:
+        logits: ``[B, T, V]`` (or ``[N, V]``: one sequence), fp32 / bf16 / fp16.
+        targets: int64 ``[B, T]``, the sampled tokens; ``ignore_index`` entries count as masked.
+        old_logprobs: ``[B, T]`` log-probs of the behaviour policy (no grad).
+        advantages: ``[B, T]`` per token or ``[B]`` per sequence (GRPO), broadcast over T.
+        mask: bool or {0, 1} ``[B, T]`` (completion mask); None = all ones.
+        ref_logprobs: ``[B, T]`` reference-policy log-probs for the KL term (required when kl_coef != 0).
+        config: ``PolicyLossConfig``; keyword ``config_overrides`` replace its fields (loss_type, clip_eps_low,
+            clip_eps_high, delta, dual_clip, kl_coef, kl_estimator, entropy_coef, loss_agg, temperature, ...).
+        normalizer: replaces the aggregation's denominator (global token count for DAPO / TRL's
+            ``num_items_in_batch``; number of sequences for the seq-mean modes).
+        is_weights: per-token importance weights (no grad) multiplying the policy term (TRL's vLLM IS
+            correction, verl's rollout_is_weights).
+        backend: "auto" | "torch" | "native" | "triton" | "reference".
+        inplace_grad: write dL/dlogits into ``logits`` (zero extra N x V memory); the logits are
+            destroyed, so nothing else may read them afterwards.
+
+    Returns:
+        ``PolicyLossOutput(loss, logprobs, entropy, metrics)``; ``loss.backward()`` gives the logits
+        gradient computed during the forward (two passes over the logits in total). Matches TRL's
+        GRPO loss (loss_type "grpo" / "bnpo" / "dr_grpo" / "dapo" via ``loss_agg``) and verl's
+        ``compute_policy_loss`` (``loss_agg_mode`` names, dual clip) on the same inputs.
+    """
+    cfg = resolve_config(PolicyLossConfig, config, config_overrides)
+    check_backend(backend)
+    check_logits_targets(logits, targets, ignore_index)
+    _check_policy_inputs(logits, targets, old_logprobs, advantages, ref_logprobs, is_weights, normalizer, cfg)
+    leading = logits.shape[:-1]
+    float_mask = as_float_mask(mask, leading, logits) * (targets != ignore_index)
+    if backend == "reference":
+        from ..reference import policy_loss as reference_policy_loss
+
+        loss, logp, entropy, metrics = reference_policy_loss(
+            logits, targets, old_logprobs, advantages, float_mask, ref_logprobs=ref_logprobs,
+            normalizer=normalizer, is_weights=is_weights, config=cfg, ignore_index=ignore_index,
+        )
+        return PolicyLossOutput(
+            loss.float(), logp.float(), entropy.float(), {k: v.float() for k, v in metrics.items()}
+        )
+    shape = _batch_shape(leading)
+    params = core_params(cfg.temperature, logit_scale, softcap, ignore_index)
+    rows, flat_targets = flatten_rows(logits, targets)
+    adv = advantages.float()
+    adv = adv.reshape(shape[0], 1) if adv.dim() == 1 and len(leading) == 2 else adv.reshape(shape)
+
+    def as_bt(tensor):
+        return None if tensor is None else tensor.float().reshape(shape)
+
+    loss_fn = partial(_loss_on_rows, cfg=cfg, shape=shape)
+    loss, logp, entropy, metrics = fused_logits_loss(
+        rows, flat_targets, loss_fn,
+        (as_bt(old_logprobs), adv, float_mask.reshape(shape), as_bt(ref_logprobs), as_bt(is_weights), normalizer),
+        params=params, backend=backend, inplace_grad=inplace_grad,
+    )
+    return PolicyLossOutput(loss, logp.view(leading), entropy.view(leading), metrics)
+
+
+def _loss_on_rows(logp, entropy, _log_sum_p2, old, adv, mask, ref, is_weights, normalizer, *, cfg, shape):
+    return policy_loss_from_logprobs(
+        logp.view(shape), entropy.view(shape), old, adv, mask, ref, is_weights, normalizer, cfg
+    )

@@ -1,0 +1,121 @@
+"""Portable backend: the two primitives of ``core.py`` in chunked PyTorch.
+
+Rows are processed in chunks that fit in cache; each chunk reuses two float32 work buffers with
+in-place ops, so the extra memory is O(chunk x V) plus the gradient output. One read of the
+logits for ``stats``, one read and one write for ``grad``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .core import CoreParams, CoreStats
+
+# Elements per float32 work buffer: 256K floats (1 MiB) keeps two buffers inside L2/L3 while each
+# torch op still has enough work to amortise its dispatch overhead.
+_CHUNK_ELEMENTS = 1 << 18
+# Keeps exp(x - m) * (x - m) finite when the row holds -inf logits (masked vocabulary entries):
+# e^-1e30 is 0 and 0 * -1e30 is 0, where 0 * -inf would be NaN.
+_MOST_NEGATIVE_SHIFT = -1.0e30
+
+
+def rows_per_chunk(n_rows: int, vocab: int, chunk_elements: int = _CHUNK_ELEMENTS) -> int:
+    return max(1, min(n_rows, chunk_elements // max(vocab, 1)))
+
+
+def _transform_into(x: torch.Tensor, z: torch.Tensor, params: CoreParams) -> Optional[torch.Tensor]:
+    """x <- transform(z) in float32; returns tanh(scale z / c) under softcap (for dx/dz), else None."""
+    x.copy_(z)
+    if params.softcap is None:
+        x.mul_(params.logit_scale / params.temperature)
+        return None
+    x.mul_(params.logit_scale / params.softcap).tanh_()
+    tanh = x.clone()
+    x.mul_(params.softcap / params.temperature)
+    return tanh
+
+
+def _safe_targets(targets: torch.Tensor, ignore_index: int):
+    valid = targets != ignore_index
+    return valid, torch.where(valid, targets, torch.zeros_like(targets)).unsqueeze(1)
+
+
+def stats(
+    logits: torch.Tensor, targets: torch.Tensor, params: CoreParams, with_log_sum_p2: bool = False
+) -> CoreStats:
+    n_rows, vocab = logits.shape
+    device = logits.device
+    out = torch.empty((5 if with_log_sum_p2 else 4, n_rows), dtype=torch.float32, device=device)
+    logp, entropy, lse, mean_x = out[0], out[1], out[2], out[3]
+    rows = rows_per_chunk(n_rows, vocab)
+    x_buf = torch.empty((rows, vocab), dtype=torch.float32, device=device)
+    e_buf = torch.empty_like(x_buf)
+    valid, safe_targets = _safe_targets(targets, params.ignore_index)
+    for start in range(0, n_rows, rows):
+        stop = min(start + rows, n_rows)
+        x, e = x_buf[: stop - start], e_buf[: stop - start]
+        _transform_into(x, logits[start:stop], params)
+        row_max = x.amax(dim=1, keepdim=True)
+        x.sub_(row_max).clamp_(min=_MOST_NEGATIVE_SHIFT)
+        torch.exp(x, out=e)
+        s = e.sum(dim=1)
+        # Batched dot products: sum_j e_j (x_j - m) without an N x V temporary.
+        t = torch.bmm(e.unsqueeze(1), x.unsqueeze(2)).view(-1)
+        log_s = s.log()
+        chunk_logp = x.gather(1, safe_targets[start:stop]).view(-1) - log_s
+        mean_shifted = t / s
+        m = row_max.view(-1)
+        logp[start:stop] = chunk_logp
+        entropy[start:stop] = log_s - mean_shifted
+        lse[start:stop] = m + log_s
+        mean_x[start:stop] = m + mean_shifted
+        if with_log_sum_p2:
+            s2 = torch.bmm(e.unsqueeze(1), e.unsqueeze(2)).view(-1)
+            out[4, start:stop] = s2.log() - 2.0 * log_s
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+    logp.copy_(torch.where(valid, logp, zero))
+    entropy.copy_(torch.where(valid, entropy, zero))
+    return CoreStats(logp, entropy, lse, mean_x, out[4] if with_log_sum_p2 else None)
+
+
+def grad(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    stats: CoreStats,
+    g_lp: torch.Tensor,
+    g_entropy: torch.Tensor,
+    params: CoreParams,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    n_rows, vocab = logits.shape
+    if out is None:
+        out = torch.empty_like(logits)
+    valid, safe_targets = _safe_targets(targets, params.ignore_index)
+    zero = torch.zeros((), dtype=torch.float32, device=logits.device)
+    g_lp = torch.where(valid, g_lp.float(), zero)
+    g_entropy = torch.where(valid, g_entropy.float(), zero)
+    # dL/dx_j = -p_j [g_lp + g_H (x_j - E)] + g_lp 1[j=y], written with x - lse as the working variable:
+    # x_j - E = (x_j - lse) + (lse - E).
+    offset = (g_lp + g_entropy * (stats.lse - stats.mean_x)).unsqueeze(1)
+    g_h = g_entropy.unsqueeze(1)
+    lse = stats.lse.unsqueeze(1)
+    rows = rows_per_chunk(n_rows, vocab)
+    x_buf = torch.empty((rows, vocab), dtype=torch.float32, device=logits.device)
+    p_buf = torch.empty_like(x_buf)
+    base_scale = params.logit_scale / params.temperature
+    for start in range(0, n_rows, rows):
+        stop = min(start + rows, n_rows)
+        x, p = x_buf[: stop - start], p_buf[: stop - start]
+        tanh = _transform_into(x, logits[start:stop], params)
+        x.sub_(lse[start:stop]).clamp_(min=_MOST_NEGATIVE_SHIFT)
+        torch.exp(x, out=p)
+        x.mul_(g_h[start:stop]).add_(offset[start:stop]).mul_(p).neg_()
+        x.scatter_add_(1, safe_targets[start:stop], g_lp[start:stop].unsqueeze(1))
+        if tanh is None:
+            x.mul_(base_scale)
+        else:
+            x.mul_(tanh.mul_(tanh).neg_().add_(1.0).mul_(base_scale))
+        out[start:stop].copy_(x)
+    return out
