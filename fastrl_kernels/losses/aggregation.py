@@ -18,28 +18,33 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def aggregation_weights(mask: torch.Tensor, mode: str, normalizer: Normalizer = None) -> torch.Tensor:
+    """Per-token weights ``w [B, T]`` with ``aggregate(x) == sum(w * x)`` for every mode.
+
+    They depend on the mask only, so a loss aggregated this way is a sum of per-token terms: the
+    lm_head path evaluates it chunk by chunk and still gets the exact gradient.
+    """
+    batch, length = mask.shape
+    if mode == "seq-mean-token-mean":
+        weights = mask / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+        default = float(batch)
+    elif mode == "token-mean":
+        weights, default = mask, mask.sum().clamp(min=1.0)
+    elif mode == "seq-mean-token-sum":
+        weights, default = mask, float(batch)
+    elif mode == "seq-mean-token-sum-norm":
+        weights, default = mask, float(batch * length)
+    elif mode == "sum":
+        weights, default = mask, 1.0
+    else:
+        raise ValueError(f"loss_agg: unknown mode {mode!r}")
+    return weights / (default if normalizer is None else normalizer)
+
+
 def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str, normalizer: Normalizer = None) -> torch.Tensor:
     """Aggregate ``values [B, T]`` under float ``mask [B, T]``; ``mode`` is a canonical name of config.py.
 
     token-mean (verl "token-mean", TRL "bnpo"/"dapo"), seq-mean-token-mean (TRL "grpo"),
     seq-mean-token-sum, seq-mean-token-sum-norm (Dr. GRPO: / (B * T), TRL "dr_grpo"), sum.
     """
-    masked = values * mask
-    batch, length = values.shape
-    if mode == "seq-mean-token-mean":
-        total = (masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).sum()
-        default = float(batch)
-    else:
-        total = masked.sum()
-        if mode == "token-mean":
-            default = mask.sum().clamp(min=1.0)
-        elif mode == "seq-mean-token-sum":
-            default = float(batch)
-        elif mode == "seq-mean-token-sum-norm":
-            default = float(batch * length)
-        elif mode == "sum":
-            default = 1.0
-        else:
-            raise ValueError(f"loss_agg: unknown mode {mode!r}")
-    denominator = default if normalizer is None else normalizer
-    return total / denominator
+    return (values * aggregation_weights(mask, mode, normalizer)).sum()
