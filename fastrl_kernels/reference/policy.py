@@ -1,0 +1,263 @@
+"""PPO / GRPO family losses in float64, written out term by term (SPEC section 4).
+
+Inputs of leading shape ``[B, T]`` (B sequences of T tokens) or ``[N]`` (one sequence, B=1, T=N).
+Nothing here is fused or chunked; every backend of ``fastrl_kernels.ops`` is checked against it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+
+from ..config import PolicyLossConfig, canonical_loss_agg, resolve_config
+from .logprobs import token_logprobs
+
+Number = Union[float, int, torch.Tensor]
+
+
+def _f64(x: Any, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(x, dtype=torch.float64, device=like.device)
+
+
+def _as_2d(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(0) if x.dim() == 1 else x
+
+
+def _float_mask(mask: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    if mask is None:
+        return torch.ones_like(like, dtype=torch.float64)
+    if mask.shape != like.shape:
+        raise ValueError(f"mask: expected shape {tuple(like.shape)}, got {tuple(mask.shape)}")
+    return mask.to(device=like.device, dtype=torch.float64)
+
+
+def kl_penalty(
+    logp: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    estimator: str = "k3",
+    clamp: Optional[float] = None,
+) -> torch.Tensor:
+    """Per-token KL estimate of the policy to the reference policy, float64, shape of ``logp``.
+
+    k = ref - logp, clamped to [-clamp, clamp] when ``clamp`` is given (verl clamps at 20 / 10), then
+    "k1" = -k, "abs" = |k|, "k2" = k^2 / 2, "k3" = e^k - k - 1 (Schulman's estimators, verl's names).
+    "k1+" / "k3+": the value of k1 / k3 with the gradient of k2 (straight-through, verl's "+" suffix).
+    Differentiable in ``logp``; ``ref_logprobs`` is treated as a constant.
+    """
+    logp = logp.to(torch.float64)
+    k = ref_logprobs.detach().to(torch.float64) - logp
+    if clamp is not None:
+        k = torch.clamp(k, -clamp, clamp)
+    k1, k2, k3 = -k, 0.5 * k * k, torch.exp(k) - k - 1.0
+    if estimator == "k1":
+        return k1
+    if estimator == "abs":
+        return k.abs()
+    if estimator == "k2":
+        return k2
+    if estimator == "k3":
+        return k3
+    if estimator == "k1+":
+        return k2 + (k1 - k2).detach()
+    if estimator == "k3+":
+        return k2 + (k3 - k2).detach()
+    raise ValueError(f"estimator: expected one of ('k1', 'abs', 'k2', 'k3', 'k1+', 'k3+'), got {estimator!r}")
+
+
+def aggregate(
+    values: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    mode: str,
+    normalizer: Optional[Number] = None,
+) -> torch.Tensor:
+    """Reduce per-token ``values`` ``[B, T]`` (or ``[N]`` = one sequence) to a 0-d float64 loss.
+
+    With m = mask as float (None = ones) and D the divisor (``normalizer`` when given, else the default):
+
+        "token-mean"               sum(m x) / D,                      D = max(sum(m), 1)
+        "seq-mean-token-mean"      sum_b [sum_t m x / max(sum_t m, 1)] / D,   D = B
+        "seq-mean-token-sum"       sum_b sum_t m x / D,               D = B
+        "seq-mean-token-sum-norm"  sum(m x) / D,                      D = B * T  (Dr. GRPO)
+        "sum"                      sum(m x) / D,                      D = 1
+
+    These are verl's ``loss_agg_mode`` values; TRL's names ("grpo", "bnpo", "dapo", "dr_grpo") are
+    accepted through ``config.canonical_loss_agg``. All-masked input gives 0.
+    """
+    mode = canonical_loss_agg(mode)
+    x = _as_2d(values.to(torch.float64))
+    m = _float_mask(None if mask is None else _as_2d(mask), x)
+    batch, length = x.shape
+    if mode == "seq-mean-token-mean":
+        per_seq = (m * x).sum(dim=-1) / torch.clamp(m.sum(dim=-1), min=1.0)
+        total, default = per_seq.sum(), float(batch)
+    elif mode == "token-mean":
+        total, default = (m * x).sum(), torch.clamp(m.sum(), min=1.0)
+    elif mode == "seq-mean-token-sum":
+        total, default = (m * x).sum(), float(batch)
+    elif mode == "seq-mean-token-sum-norm":
+        total, default = (m * x).sum(), float(batch * length)
+    else:  # "sum"
+        total, default = (m * x).sum(), 1.0
+    divisor = default if normalizer is None else normalizer
+    return total / _f64(divisor, x)
+
+
+def _masked_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return (m * x).sum() / torch.clamp(m.sum(), min=1.0)
+
+
+def policy_loss_from_logprobs(
+    logp: torch.Tensor,
+    entropy: Optional[torch.Tensor],
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    ref_logprobs: Optional[torch.Tensor] = None,
+    normalizer: Optional[Number] = None,
+    is_weights: Optional[torch.Tensor] = None,
+    config: Optional[PolicyLossConfig] = None,
+    **config_overrides: Any,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The policy loss given per-token log-probs: ``(loss, metrics)``, float64, differentiable in logp, entropy.
+
+    Shapes: logp, old_logprobs, mask, ref_logprobs, is_weights ``[B, T]`` (or ``[N]``); advantages
+    ``[B, T]`` or per sequence ``[B]`` (broadcast over T); ``entropy`` like logp, may be None only when
+    ``entropy_mode="sampled"``. With r = exp(logp - old), A the advantage, eps_low / eps_high:
+
+        clip   l = max(-A min(r, delta), -A clip(r, 1-eps_low, 1+eps_high)); dual clip c: for A < 0,
+               l = min(l, -c A) (verl's clip_ratio_c)
+        gspo   the same with r = s_b = exp(sum_t m (logp - old) / max(sum_t m, 1)) for every token
+        gspo_token  r = exp(sg(log s_b) + logp - sg(logp))    (sg = stop-gradient)
+        cispo  l = -sg(clip(r, 1-eps_low, 1+eps_high)) A logp
+        sapo   l = -sigmoid(tau (r - 1)) (4 / tau) A, tau = sapo_temp_pos if A > 0 else sapo_temp_neg
+
+    then l *= is_weights (no gradient), total = l + kl_coef * kl_penalty(logp, ref) when ``ref_logprobs``
+    is given, and loss = aggregate(total, m, loss_agg) - entropy_coef * aggregate(H, m, entropy_agg) with
+    H = entropy ("exact") or -logp ("sampled"). Masked tokens contribute nothing and get zero gradient.
+    Metrics (0-d, detached): clip_frac_low / clip_frac_high (fraction of unmasked tokens with r below
+    1-eps_low and A < 0 / above 1+eps_high and A > 0), ratio_mean, ratio_max (0 when all masked),
+    kl_mean (0 without ref), entropy_mean, approx_kl = mean((r - 1) - log r); for gspo* r is the
+    sequence ratio.
+    """
+    cfg = resolve_config(PolicyLossConfig, config, config_overrides)
+    if cfg.kl_coef != 0 and ref_logprobs is None:
+        raise ValueError(f"ref_logprobs: required when kl_coef != 0 (kl_coef={cfg.kl_coef})")
+    if entropy is None and cfg.entropy_mode == "exact":
+        raise ValueError("entropy: required when entropy_mode='exact'; pass it or use entropy_mode='sampled'")
+
+    per_sequence_advantages = logp.dim() == 2 and advantages.dim() == 1
+    logp = _as_2d(logp.to(torch.float64))
+    m = _float_mask(None if mask is None else _as_2d(mask), logp)
+    unmasked = m > 0
+    # Masked positions may hold padding garbage: pin their ratio to 1 and their KL to 0 so that no
+    # inf * 0 = NaN reaches the loss or the gradient.
+    old = torch.where(unmasked, _as_2d(old_logprobs).detach().to(torch.float64), logp.detach())
+    adv = advantages.detach().to(torch.float64)
+    adv = adv.unsqueeze(-1) if per_sequence_advantages else _as_2d(adv)
+    if adv.shape not in (logp.shape, (logp.shape[0], 1)):
+        raise ValueError(
+            f"advantages: expected shape {tuple(logp.shape)} or [{logp.shape[0]}], got {tuple(advantages.shape)}"
+        )
+    adv = adv.expand_as(logp)
+
+    log_ratio = logp - old
+    if cfg.loss_type in ("gspo", "gspo_token"):
+        seq_log_ratio = (m * log_ratio).sum(dim=-1, keepdim=True) / torch.clamp(m.sum(dim=-1, keepdim=True), min=1.0)
+        if cfg.loss_type == "gspo":
+            log_ratio = seq_log_ratio.expand_as(logp)
+        else:
+            log_ratio = seq_log_ratio.detach() + logp - logp.detach()
+    ratio = torch.exp(log_ratio)
+    low, high = 1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high
+
+    if cfg.loss_type == "cispo":
+        per_token = -torch.clamp(ratio, low, high).detach() * adv * logp
+    elif cfg.loss_type == "sapo":
+        tau = torch.where(adv > 0, _f64(cfg.sapo_temp_pos, logp), _f64(cfg.sapo_temp_neg, logp))
+        per_token = -torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau) * adv
+    else:  # clip, gspo, gspo_token
+        capped = torch.clamp(ratio, max=cfg.delta) if cfg.delta is not None else ratio
+        per_token = torch.maximum(-adv * capped, -adv * torch.clamp(ratio, low, high))
+        if cfg.dual_clip is not None:
+            per_token = torch.where(adv < 0, torch.minimum(per_token, -cfg.dual_clip * adv), per_token)
+    if is_weights is not None:
+        per_token = per_token * _as_2d(is_weights).detach().to(torch.float64)
+
+    kl = torch.zeros_like(logp)
+    if ref_logprobs is not None:
+        ref = torch.where(unmasked, _as_2d(ref_logprobs).detach().to(torch.float64), logp.detach())
+        kl = kl_penalty(logp, ref, cfg.kl_estimator, cfg.kl_clamp)
+        per_token = per_token + cfg.kl_coef * kl
+
+    if cfg.entropy_mode == "exact":
+        h = _as_2d(entropy.to(torch.float64))
+    else:
+        h = -logp
+    loss = aggregate(per_token, m, cfg.loss_agg, normalizer)
+    if cfg.entropy_coef != 0:
+        loss = loss - cfg.entropy_coef * aggregate(h, m, cfg.resolved_entropy_agg, normalizer)
+
+    with torch.no_grad():
+        r = ratio.detach()
+        metrics = {
+            "clip_frac_low": _masked_mean(((r < low) & (adv < 0)).to(torch.float64), m),
+            "clip_frac_high": _masked_mean(((r > high) & (adv > 0)).to(torch.float64), m),
+            "ratio_mean": _masked_mean(r, m),
+            # ratios are > 0, so a 0 at masked tokens leaves the max of the unmasked ones (0 if none)
+            "ratio_max": torch.where(unmasked, r, torch.zeros_like(r)).amax()
+            if r.numel()
+            else torch.zeros((), dtype=torch.float64),
+            "kl_mean": _masked_mean(kl.detach(), m),
+            "entropy_mean": _masked_mean(h.detach(), m),
+            "approx_kl": _masked_mean((r - 1.0) - log_ratio.detach(), m),
+        }
+    return loss, metrics
+
+
+def policy_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    ref_logprobs: Optional[torch.Tensor] = None,
+    normalizer: Optional[Number] = None,
+    is_weights: Optional[torch.Tensor] = None,
+    config: Optional[PolicyLossConfig] = None,
+    ignore_index: int = -100,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    **config_overrides: Any,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """The policy loss from logits: ``(loss, logp, entropy, metrics)``, float64, differentiable in logits.
+
+    logits ``[B, T, V]`` or ``[N, V]``, targets int64 of the leading shape. logp and entropy are
+    ``token_logprobs(logits, targets, temperature=config.temperature, logit_scale=..., softcap=...)``
+    (``logit_scale`` / ``softcap`` as in ``transformed_logits``); tokens whose target is
+    ``ignore_index`` count as masked. The rest is ``policy_loss_from_logprobs`` (same arguments).
+    """
+    cfg = resolve_config(PolicyLossConfig, config, config_overrides)
+    logp, entropy = token_logprobs(
+        logits,
+        targets,
+        temperature=cfg.temperature,
+        logit_scale=logit_scale,
+        softcap=softcap,
+        ignore_index=ignore_index,
+    )
+    m = _float_mask(mask, logp) * (targets != ignore_index).to(torch.float64)
+    loss, metrics = policy_loss_from_logprobs(
+        logp,
+        entropy,
+        old_logprobs,
+        advantages,
+        m,
+        ref_logprobs=ref_logprobs,
+        normalizer=normalizer,
+        is_weights=is_weights,
+        config=cfg,
+    )
+    return loss, logp, entropy, metrics
