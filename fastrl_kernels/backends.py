@@ -73,8 +73,18 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+_MODULES: dict = {}
+
+
 def primitives(backend: str) -> ModuleType:
     """The module with ``stats`` and ``grad`` for a concrete backend name."""
+    module = _MODULES.get(backend)
+    if module is None:
+        module = _MODULES[backend] = _import_primitives(backend)
+    return module
+
+
+def _import_primitives(backend: str) -> ModuleType:
     if backend not in _PRIMITIVE_BACKENDS:
         raise ValueError(f"backend: expected one of {_PRIMITIVE_BACKENDS} here, got {backend!r}")
     if backend == "torch":

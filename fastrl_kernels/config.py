@@ -6,6 +6,7 @@ Every error names the argument, what was expected and what was given.
 from __future__ import annotations
 
 from collections.abc import Sequence
+import functools
 from dataclasses import dataclass, fields, replace
 from typing import Any, Optional, Union
 
@@ -110,9 +111,14 @@ class PolicyLossConfig:
         return replace(self, **_known_fields(type(self), overrides))
 
 
+@functools.lru_cache(maxsize=None)
+def _field_names(cls: type) -> frozenset:
+    return frozenset(f.name for f in fields(cls))
+
+
 def _known_fields(cls: type, overrides: dict) -> dict:
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(overrides) - names)
+    names = _field_names(cls)
+    unknown = sorted(key for key in overrides if key not in names)
     if unknown:
         raise TypeError(f"unknown option(s) {unknown}; {cls.__name__} fields are {sorted(names)}")
     return overrides
@@ -175,7 +181,8 @@ def check_logits_targets(logits: Any, targets: Any, ignore_index: int = -100) ->
         raise TypeError(f"targets: expected dtype torch.int64, got {targets.dtype}")
     check_shape("targets", targets, logits.shape[:-1], "the leading shape of logits")
     check_same_device("logits", logits, targets=targets)
-    if targets.device.type == "cpu" and targets.numel() > 0:
+    # The range check reads values on the host: skipped on CUDA (a sync) and while torch.compile traces.
+    if targets.device.type == "cpu" and targets.numel() > 0 and not torch.compiler.is_compiling():
         vocab = logits.shape[-1]
         bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
         if bool(bad.any()):

@@ -170,3 +170,22 @@ def test_trl_and_verl_aggregation_names_are_aliases():
         a = fk.policy_loss(*inputs, loss_agg=alias, backend="torch").loss
         b = fk.policy_loss(*inputs, loss_agg=canonical, backend="torch").loss
         assert torch.equal(a, b)
+
+
+def test_runs_inside_torch_compile_with_one_graph_break():
+    """fullgraph=True is not supported (the fused Function differentiates a sub-graph in its forward);
+    the op runs eagerly at a graph break and the rest of the compiled function around it still works."""
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(2, 5, 61, generator=g)
+    args = (torch.randint(0, 61, (2, 5), generator=g), torch.randn(2, 5, generator=g) - 4, torch.randn(2, generator=g))
+    config = fk.PolicyLossConfig(kl_coef=0.0, entropy_coef=0.01)
+
+    def step(z):
+        out = fk.policy_loss(z * 1.5, *args, config=config, backend="torch")
+        return out.loss * 2.0
+
+    eager_z = logits.clone().requires_grad_(True)
+    step(eager_z).backward()
+    compiled_z = logits.clone().requires_grad_(True)
+    torch.compile(step, backend="eager")(compiled_z).backward()
+    torch.testing.assert_close(compiled_z.grad, eager_z.grad)

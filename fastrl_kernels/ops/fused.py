@@ -39,25 +39,27 @@ class _FusedLogitsLoss(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, spec: FusedSpec, *loss_inputs: Any):
         prims = primitives(spec.backend)
         stats = prims.stats(logits, targets, spec.params, spec.with_log_sum_p2)
-        logp = stats.logp.detach().requires_grad_(True)
-        entropy = stats.entropy.detach().requires_grad_(True)
         grad_positions = [
             i for i, value in enumerate(loss_inputs) if isinstance(value, torch.Tensor) and value.requires_grad
         ]
-        inputs = [
-            value.detach().requires_grad_(True) if i in grad_positions else value
-            for i, value in enumerate(loss_inputs)
-        ]
-        with torch.enable_grad():
-            loss, aux = spec.loss_fn(logp, entropy, stats.log_sum_p2, *inputs)
-            wrt = [logp, entropy] + [inputs[i] for i in grad_positions]
-            grads = torch.autograd.grad(loss, wrt, allow_unused=True)
-        g_lp = grads[0] if grads[0] is not None else torch.zeros_like(logp)
-        g_entropy = grads[1] if grads[1] is not None else torch.zeros_like(entropy)
+
+        def loss_of(logp, entropy, *grad_inputs):
+            inputs = list(loss_inputs)
+            for i, value in zip(grad_positions, grad_inputs):
+                inputs[i] = value
+            return spec.loss_fn(logp, entropy, stats.log_sum_p2, *inputs)
+
+        # torch.func.vjp rather than autograd.grad: it differentiates the O(N) loss under the no-grad
+        # forward of a Function and traces under torch.compile.
+        loss, vjp_fn, aux = torch.func.vjp(
+            loss_of, stats.logp, stats.entropy, *[loss_inputs[i].detach() for i in grad_positions], has_aux=True
+        )
+        grads = vjp_fn(torch.ones_like(loss))
+        g_lp, g_entropy = grads[0], grads[1]
         # In place: the gradient overwrites the logits' storage (documented on inplace_grad). A
         # detached alias keeps autograd's version counter, so a graph that saved the logits fails loudly.
         out = logits.detach() if spec.inplace_grad else None
-        grad_logits = prims.grad(logits, targets, stats, g_lp.detach(), g_entropy.detach(), spec.params, out=out)
+        grad_logits = prims.grad(logits, targets, stats, g_lp, g_entropy, spec.params, out=out)
         input_grads = [None] * len(loss_inputs)
         for i, g in zip(grad_positions, grads[2:]):
             input_grads[i] = g
@@ -111,6 +113,14 @@ class _FusedLogitsLoss(torch.autograd.Function):
         return (grad_logits, None, None, *input_grads)
 
 
+# torch.compile (2.13) cannot trace a Function whose forward differentiates a sub-graph (torch.func.vjp
+# or autograd.grad inside it): Dynamo stops at this call with one graph break and runs it eagerly, so
+# the surrounding model still compiles; fullgraph=True is not available for the fused losses.
+@torch._disable_dynamo  # torch.compiler.disable, without importing Dynamo (and triton) at import time
+def _apply_fused(*args: Any):
+    return _FusedLogitsLoss.apply(*args)
+
+
 def fused_logits_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -134,6 +144,6 @@ def fused_logits_loss(
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     spec = FusedSpec(backend, params, loss_fn, inplace_grad, with_log_sum_p2)
-    outputs = _FusedLogitsLoss.apply(logits, targets, spec, *loss_inputs)
+    outputs = _apply_fused(logits, targets, spec, *loss_inputs)
     loss, logp, entropy = outputs[:3]
     return loss, logp, entropy, dict(zip(spec.aux_keys, outputs[3:]))

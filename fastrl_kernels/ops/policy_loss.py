@@ -113,6 +113,7 @@ def policy_loss(
         loss, logp, entropy, metrics = reference_policy_loss(
             logits, targets, old_logprobs, advantages, float_mask, ref_logprobs=ref_logprobs,
             normalizer=normalizer, is_weights=is_weights, config=cfg, ignore_index=ignore_index,
+            logit_scale=logit_scale, softcap=softcap,
         )
         return PolicyLossOutput(
             loss.float(), logp.float(), entropy.float(), {k: v.float() for k, v in metrics.items()}

@@ -62,14 +62,17 @@ def token_stats(
     valid = targets != ignore_index
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
     logp = torch.gather(log_p, -1, safe_targets.unsqueeze(-1)).squeeze(-1)
-    # p_j log p_j -> 0 as p_j -> 0; in float64 log_p stays finite for finite logits, so no 0 * -inf here.
-    entropy = -(p * log_p).sum(dim=-1)
+    # p_j log p_j -> 0 as p_j -> 0: a -inf logit (a masked vocabulary entry) contributes 0, where the
+    # plain product would give 0 * -inf = NaN (in value and in gradient).
+    finite_log_p = torch.where(p > 0, log_p, torch.zeros_like(log_p))
+    finite_x = torch.where(p > 0, x, torch.zeros_like(x))
+    entropy = -(p * finite_log_p).sum(dim=-1)
     zero = torch.zeros_like(logp)
     return CoreStats(
         logp=torch.where(valid, logp, zero),
         entropy=torch.where(valid, entropy, zero),
         lse=lse,
-        mean_x=(p * x).sum(dim=-1),
+        mean_x=(p * finite_x).sum(dim=-1),
         log_sum_p2=torch.logsumexp(2.0 * log_p, dim=-1),
     )
 

@@ -1,0 +1,436 @@
+"""GPU suite: the Triton tests on the device, then timings and memory of the core op (SPEC section 9).
+
+    python bench/gpu_suite.py --out bench/results/gpu-h100      # tests + benchmarks, JSON + table
+    python bench/gpu_suite.py --out DIR --skip-tests --cases fk_stats,torch_eager --shapes 4096x32000
+    python bench/gpu_suite.py --out DIR --sweep                 # also time alternative launch configs
+
+(a) ``pytest -m triton`` runs on the GPU (no interpreter); its result goes into the JSON.
+(b) Each registered case runs at every shape: time is the median of CUDA-event timings after warm-up,
+GB/s is the op's essential traffic (bytes read + written: N V itemsize for stats, 3 N V itemsize for
+a forward + backward: read for the statistics, read + write for the gradient) over that time, "% peak"
+compares it with the device's HBM bandwidth, and peak extra MB is ``torch.cuda.max_memory_allocated``
+minus what the inputs hold. All rows are valid unless ``--masked-frac`` is set.
+Add a case by appending a ``Case`` to ``CASES`` (see ``register``).
+Benchmarks record numbers and never assert on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPES = [(n, v) for n in (4096, 8192, 16384) for v in (32000, 128256, 151936)]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# HBM bandwidth in TB/s by device-name fragment, most specific first.
+HBM_PEAK_TBPS = [
+    ("GH200", 4.0),
+    ("H200", 4.8),
+    ("H100 NVL", 3.9),
+    ("H100 PCIe", 2.0),
+    ("H100", 3.35),
+    ("A100-SXM4-80GB", 2.039),
+    ("A100 80GB PCIe", 1.935),
+    ("A100", 1.555),
+    ("L40S", 0.864),
+]
+
+
+@dataclass
+class Inputs:
+    """One benchmark problem: logits [N, V] of ``dtype`` on CUDA, targets, upstream coefficients."""
+
+    n: int
+    v: int
+    dtype: torch.dtype
+    logits: torch.Tensor
+    targets: torch.Tensor
+    g_lp: torch.Tensor
+    g_entropy: torch.Tensor
+    temperature: float
+
+
+@dataclass
+class Case:
+    """A benchmarked op. ``setup(inputs)`` returns the closure timed per repeat (warm-up included in
+    setup's caller, never in the timings); ``passes`` is the essential traffic in units of N V
+    itemsize; ``missing()`` returns why the case cannot run here (None = it can)."""
+
+    name: str
+    description: str
+    setup: Callable[[Inputs], Callable[[], object]]
+    passes: int
+    missing: Callable[[], Optional[str]] = lambda: None
+
+
+CASES: list[Case] = []
+
+
+def register(name: str, description: str, passes: int, missing: Callable[[], Optional[str]] = lambda: None):
+    def wrap(setup: Callable[[Inputs], Callable[[], object]]) -> Callable[[Inputs], Callable[[], object]]:
+        CASES.append(Case(name, description, setup, passes, missing))
+        return setup
+
+    return wrap
+
+
+def _params(x: Inputs):
+    from fastrl_kernels.core import CoreParams
+
+    return CoreParams(temperature=x.temperature)
+
+
+@register("fk_stats", "fastrl Triton stats: logprobs + entropy forward (pass 1)", passes=1)
+def _fk_stats(x: Inputs) -> Callable[[], object]:
+    import fastrl_kernels.triton as ft
+
+    params = _params(x)
+    return lambda: ft.stats(x.logits, x.targets, params)
+
+
+@register("fk_stats_grad", "fastrl Triton stats + grad into a new buffer (fused fwd + bwd)", passes=3)
+def _fk_stats_grad(x: Inputs) -> Callable[[], object]:
+    import fastrl_kernels.triton as ft
+
+    params = _params(x)
+
+    def run() -> torch.Tensor:
+        stats = ft.stats(x.logits, x.targets, params)
+        return ft.grad(x.logits, x.targets, stats, x.g_lp, x.g_entropy, params)
+
+    return run
+
+
+@register("fk_stats_grad_inplace", "fastrl Triton stats + grad written over the logits", passes=3)
+def _fk_stats_grad_inplace(x: Inputs) -> Callable[[], object]:
+    import fastrl_kernels.triton as ft
+
+    params = _params(x)
+
+    def run() -> torch.Tensor:
+        stats = ft.stats(x.logits, x.targets, params)
+        return ft.grad(x.logits, x.targets, stats, x.g_lp, x.g_entropy, params, out=x.logits)
+
+    return run
+
+
+def naive_loss(logits, targets, g_lp, g_entropy, temperature: float) -> torch.Tensor:
+    """Plain PyTorch: log_softmax + gather + entropy in float32, L = sum g_lp logp + g_H H over rows
+    whose target is not -100."""
+    valid = targets != -100
+    log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp = log_p.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    return ((g_lp * logp + g_entropy * entropy) * valid).sum()
+
+
+def _naive_setup(x: Inputs, loss_fn) -> Callable[[], object]:
+    leaf = x.logits.detach().requires_grad_(True)
+
+    def run() -> None:
+        loss_fn(leaf, x.targets, x.g_lp, x.g_entropy, x.temperature).backward()
+        leaf.grad = None  # the gradient counts in the call's peak, not in the next call's baseline
+
+    return run
+
+
+@register("torch_eager", "naive eager PyTorch log_softmax + gather + entropy, fwd + bwd", passes=3)
+def _torch_eager(x: Inputs) -> Callable[[], object]:
+    return _naive_setup(x, naive_loss)
+
+
+@register("torch_compile", "torch.compile of the naive loss, fwd + bwd (compile time excluded)", passes=3)
+def _torch_compile(x: Inputs) -> Callable[[], object]:
+    # One static-shape graph per benchmark shape: lift dynamo's per-function recompile limit (8) so
+    # the later shapes are compiled too rather than silently run eagerly.
+    for limit in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, limit):
+            setattr(torch._dynamo.config, limit, max(64, getattr(torch._dynamo.config, limit)))
+    return _naive_setup(x, torch.compile(naive_loss, dynamic=False))
+
+
+def _liger_missing() -> Optional[str]:
+    try:
+        importlib.import_module("liger_kernel.transformers.grpo_loss")
+    except Exception as error:  # ImportError, or a Liger that fails to import on this stack
+        return f"liger_kernel GRPO loss not importable ({type(error).__name__}: {error})"
+    return None
+
+
+@register("liger_grpo", "Liger-Kernel triton_grpo_loss (logp, clip, k3 KL), fwd + bwd", 3, _liger_missing)
+def _liger_grpo(x: Inputs) -> Callable[[], object]:
+    from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+    # Liger takes [B, T + 1, V] logits (the last position is dropped), so the problem is rebuilt in
+    # that layout with the same N = B T token rows; the extra rows are part of "the inputs".
+    seq = 1024 if x.n % 1024 == 0 else x.n
+    batch = x.n // seq
+    logits = torch.randn(batch, seq + 1, x.v, device="cuda", dtype=x.dtype).requires_grad_(True)
+    x.logits = logits  # releases the [N, V] logits; the caller measures memory against this
+    ids = x.targets.view(batch, seq)
+    old = torch.full((batch, seq), -5.0, device="cuda")
+    ref = old - 0.1
+    advantages = torch.randn(batch, device="cuda")
+    mask = torch.ones(batch, seq, device="cuda", dtype=torch.int32)
+
+    def run() -> None:
+        out = triton_grpo_loss(
+            logits, old, ref, ids, advantages, mask, temperature=x.temperature, beta=0.04, inplace=True
+        )
+        (out[0] if isinstance(out, (tuple, list)) else out).sum().backward()
+        logits.grad = None
+
+    return run
+
+
+def hbm_peak_tbps(name: str) -> Optional[float]:
+    for fragment, tbps in HBM_PEAK_TBPS:
+        if fragment in name:
+            return tbps
+    return None
+
+
+def make_inputs(n: int, v: int, dtype: torch.dtype, temperature: float, masked_frac: float) -> Inputs:
+    gen = torch.Generator(device="cuda").manual_seed(n * 7 + v)
+    logits = (2.0 * torch.randn(n, v, device="cuda", generator=gen)).to(dtype)
+    targets = torch.randint(0, v, (n,), device="cuda", generator=gen)
+    if masked_frac > 0:
+        targets = targets.masked_fill(torch.rand(n, device="cuda", generator=gen) < masked_frac, -100)
+    g = torch.randn(2, n, device="cuda", generator=gen)
+    return Inputs(n, v, dtype, logits, targets, g[0], g[1], temperature)
+
+
+def time_cuda(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
+    """Milliseconds of each of ``repeats`` calls, by CUDA events, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in events]
+
+
+def run_case(case: Case, n: int, v: int, args: argparse.Namespace, peak_tbps: Optional[float]) -> dict:
+    row = {"case": case.name, "n": n, "v": v, "dtype": args.dtype, "temperature": args.temperature}
+    reason = case.missing()
+    if reason is not None:
+        return {**row, "status": "skipped", "error": reason}
+    x = None
+    try:
+        x = make_inputs(n, v, DTYPES[args.dtype], args.temperature, args.masked_frac)
+        fn = case.setup(x)
+        fn()  # compiles (Triton / torch.compile) outside the measurements
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        peak_extra = torch.cuda.max_memory_allocated() - base
+        times = time_cuda(fn, args.warmup, args.repeats)
+    except torch.cuda.OutOfMemoryError as error:
+        return {**row, "status": "oom", "error": str(error).splitlines()[0]}
+    except Exception as error:  # a peer's API drift must not stop the suite
+        return {**row, "status": "error", "error": f"{type(error).__name__}: {error}"[:500]}
+    finally:
+        del x
+        torch.cuda.empty_cache()
+    median = statistics.median(times)
+    traffic = case.passes * n * v * torch.empty((), dtype=DTYPES[args.dtype]).element_size()
+    gbps = traffic / (median * 1e-3) / 1e9
+    return {
+        **row,
+        "status": "ok",
+        "time_ms": median,
+        "time_ms_min": min(times),
+        "repeats": len(times),
+        "traffic_bytes": traffic,
+        "gbps": gbps,
+        "pct_hbm_peak": 100.0 * gbps / (peak_tbps * 1e3) if peak_tbps else None,
+        "peak_extra_mb": peak_extra / 2**20,
+    }
+
+
+def sweep_launches(n: int, v: int, args: argparse.Namespace) -> list[dict]:
+    """Time stats and stats + grad over alternative LaunchConfigs (input for the launch table)."""
+    import fastrl_kernels.triton as ft
+    from fastrl_kernels.core import CoreParams
+
+    rows = []
+    x = make_inputs(n, v, DTYPES[args.dtype], args.temperature, args.masked_frac)
+    params = CoreParams(temperature=args.temperature)
+    for block_v in (1024, 2048, 4096, 8192, 16384):
+        for num_warps in (4, 8, 16):
+            cfg = ft.LaunchConfig(block_v=block_v, rows=1, num_warps=num_warps)
+
+            def fused(cfg=cfg) -> None:
+                st = ft.stats(x.logits, x.targets, params, launch=cfg)
+                ft.grad(x.logits, x.targets, st, x.g_lp, x.g_entropy, params, launch=cfg)
+
+            stats_ms = statistics.median(
+                time_cuda(lambda cfg=cfg: ft.stats(x.logits, x.targets, params, launch=cfg), 2, args.repeats)
+            )
+            fused_ms = statistics.median(time_cuda(fused, 2, args.repeats))
+            rows.append(
+                {"n": n, "v": v, "dtype": args.dtype, **asdict(cfg), "stats_ms": stats_ms, "fused_ms": fused_ms}
+            )
+    default = ft.launch_config(v, DTYPES[args.dtype])
+    for row in rows:
+        row["is_default"] = row["block_v"] == default.block_v and row["num_warps"] == default.num_warps
+    return rows
+
+
+def run_tests(out: Path, timeout: int) -> dict:
+    env = {k: val for k, val in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-m",
+        "triton",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "tests",
+        f"--junitxml={out / 'pytest-triton.xml'}",
+    ]
+    start = time.time()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        log, rc = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as error:
+        log, rc = f"{error.stdout or ''}{error.stderr or ''}\nTIMEOUT after {timeout} s", None
+    (out / "pytest-triton.log").write_text(log if isinstance(log, str) else str(log))
+    lines = [line for line in str(log).splitlines() if line.strip()]
+    return {
+        "command": shlex.join(cmd),
+        "returncode": rc,
+        "seconds": time.time() - start,
+        "summary": lines[-1] if lines else "",
+        "passed": rc == 0,
+    }
+
+
+def versions() -> dict:
+    found = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    for dist in ("triton", "liger-kernel", "fastrl-kernels"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[dist] = None
+    return found
+
+
+def print_table(results: list[dict], header: dict) -> None:
+    print(f"# {header['device']} | peak HBM {header['hbm_peak_tbps']} TB/s | {header['date']}")
+    print(f"# versions: {header['versions']}")
+    print(f"# command: {header['command']}")
+    naive = {(r["n"], r["v"]): r["time_ms"] for r in results if r["case"] == "torch_eager" and r["status"] == "ok"}
+    cols = f"{'case':24} {'N':>6} {'V':>7} {'ms':>9} {'GB/s':>8} {'%peak':>6} {'extra MB':>10} {'vs eager':>8}"
+    print(cols)
+    print("-" * len(cols))
+    for r in results:
+        if r["status"] != "ok":
+            print(f"{r['case']:24} {r['n']:>6} {r['v']:>7}  {r['status']}: {r.get('error', '')[:70]}")
+            continue
+        pct = f"{r['pct_hbm_peak']:.0f}" if r["pct_hbm_peak"] is not None else "-"
+        ratio = naive.get((r["n"], r["v"]))
+        speed = f"{ratio / r['time_ms']:.2f}x" if ratio else "-"
+        print(
+            f"{r['case']:24} {r['n']:>6} {r['v']:>7} {r['time_ms']:9.3f} {r['gbps']:8.0f} {pct:>6} "
+            f"{r['peak_extra_mb']:10.1f} {speed:>8}"
+        )
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    names = ", ".join(case.name for case in CASES)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="directory for results.json, the pytest log and junit xml"
+    )
+    parser.add_argument("--cases", default="", help=f"comma-separated subset of: {names}")
+    parser.add_argument(
+        "--shapes", default="", help="comma-separated NxV subset, e.g. 4096x32000 (default: SPEC 9 grid)"
+    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--masked-frac", type=float, default=0.0, help="fraction of rows with target -100")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--skip-tests", action="store_true", help="do not run pytest -m triton first")
+    parser.add_argument("--test-timeout", type=int, default=300)
+    parser.add_argument("--sweep", action="store_true", help="also time LaunchConfig alternatives per shape")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print(
+            "gpu_suite: needs a CUDA GPU (torch.cuda.is_available() is False); the CPU suite lives in "
+            "bench/ (fastrl-bench). Nothing was run.",
+            file=sys.stderr,
+        )
+        return 2
+    sys.path.insert(0, str(REPO))
+    args.out.mkdir(parents=True, exist_ok=True)
+    shapes = [tuple(int(p) for p in s.split("x")) for s in args.shapes.split(",") if s] or SHAPES
+    wanted = {c for c in args.cases.split(",") if c}
+    unknown = wanted - {case.name for case in CASES}
+    if unknown:
+        print(f"gpu_suite: unknown case(s) {sorted(unknown)}", file=sys.stderr)
+        return 2
+    cases = [case for case in CASES if not wanted or case.name in wanted]
+    name = torch.cuda.get_device_name()
+    header = {
+        "device": name,
+        "capability": ".".join(map(str, torch.cuda.get_device_capability())),
+        "device_memory_gb": torch.cuda.get_device_properties(0).total_memory / 2**30,
+        "hbm_peak_tbps": hbm_peak_tbps(name),
+        "versions": versions(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "traffic_model": "stats: N V itemsize; fwd+bwd: 3 N V itemsize (read, read + write)",
+    }
+    report: dict = {**header, "settings": {k: str(v) for k, v in vars(args).items()}}
+    if not args.skip_tests:
+        report["pytest"] = run_tests(args.out, args.test_timeout)
+        print(f"pytest -m triton: {report['pytest']['summary']} (rc {report['pytest']['returncode']})")
+    results = []
+    for n, v in shapes:
+        for case in cases:
+            results.append(run_case(case, n, v, args, header["hbm_peak_tbps"]))
+            r = results[-1]
+            print(f"  {case.name} N={n} V={v}: {r['status']} {r.get('time_ms', '')}", flush=True)
+    report["results"] = results
+    if args.sweep:
+        report["sweep"] = [row for n, v in shapes for row in sweep_launches(n, v, args)]
+    (args.out / "results.json").write_text(json.dumps(report, indent=2))
+    print_table(results, header)
+    print(f"wrote {args.out / 'results.json'}")
+    return 0 if report.get("pytest", {"passed": True})["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

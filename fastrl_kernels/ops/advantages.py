@@ -1,0 +1,145 @@
+"""Advantage estimators and the value loss: batched, float32, no host syncs.
+
+These are O(B x T) and need no kernel; they run on whatever device their inputs live on. The float64
+versions in ``fastrl_kernels.reference.advantages`` define the results (same docstrings, same math).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from ..config import as_float_mask, canonical_loss_agg, check_float_tensor, check_shape
+from ..losses.aggregation import aggregate
+
+Number = Union[float, int, torch.Tensor]
+
+
+def _check_2d(name: str, tensor: torch.Tensor) -> None:
+    check_float_tensor(name, tensor)
+    if tensor.dim() != 2:
+        raise ValueError(f"{name}: expected shape [B, T], got {tuple(tensor.shape)}")
+
+
+def _whiten(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    n = m.sum()
+    mean = (m * x).sum() / torch.clamp(n, min=1.0)
+    var = (m * (x - mean) ** 2).sum() / torch.clamp(n - 1.0, min=1.0)
+    return m * (x - mean) * torch.rsqrt(var + 1e-8)
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    *,
+    gamma: float = 1.0,
+    lam: float = 1.0,
+    whiten: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation: ``(advantages, returns)``, float32 ``[B, T]``, no gradient.
+
+    rewards, values ``[B, T]`` (any float dtype), mask bool / {0,1} ``[B, T]`` (None = ones). Backwards
+    over t: delta_t = r_t + gamma V_next - V_t, A_t = delta_t + gamma lam A_next, where V_next and
+    A_next belong to the next unmasked step (0 past the end); masked steps are skipped, carrying both
+    (verl's ``compute_gae_advantage_return``). returns = A + V. ``whiten=True``: verl's
+    ``masked_whiten`` of A (batch mean, unbiased variance over unmasked steps, eps 1e-8; variance 0
+    when at most one step is unmasked); returns are taken before whitening. Advantages are 0 at masked
+    steps (where returns = V). One vectorised step per t over the batch.
+    """
+    _check_2d("rewards", rewards)
+    check_shape("values", values, rewards.shape, "the shape of rewards")
+    check_float_tensor("values", values)
+    with torch.no_grad():
+        r = rewards.to(torch.float32)
+        v = values.to(torch.float32)
+        m = as_float_mask(mask, r.shape, r)
+        keep = m > 0
+        batch, length = r.shape
+        # delta needs V_next of the next *unmasked* step, known only inside the backward sweep.
+        advantages = torch.zeros_like(r)
+        next_value = r.new_zeros(batch)
+        next_advantage = r.new_zeros(batch)
+        discount = gamma * lam
+        for t in range(length - 1, -1, -1):
+            a_t = r[:, t] + gamma * next_value - v[:, t] + discount * next_advantage
+            keep_t = keep[:, t]
+            next_value = torch.where(keep_t, v[:, t], next_value)
+            next_advantage = torch.where(keep_t, a_t, next_advantage)
+            advantages[:, t] = a_t
+        advantages = torch.where(keep, advantages, torch.zeros_like(advantages))
+        returns = advantages + v
+        if whiten:
+            advantages = _whiten(advantages, m)
+    return advantages, returns
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    *,
+    scale: str = "std",
+    std_ddof: int = 0,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Group-relative advantages (GRPO): float32 ``[B]``, no gradient.
+
+    rewards ``[B]`` (any float dtype), groups contiguous: ``rewards.view(-1, group_size)`` (TRL's
+    layout). A = (r - mean_g) / (std_g + eps), std_g with ``std_ddof`` (0: the seed's ``np.std``;
+    1: TRL / verl's ``torch.std``); ``scale="none"``: r - mean_g (Dr. GRPO, TRL ``scale_rewards="none"``).
+    """
+    check_float_tensor("rewards", rewards)
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards: expected shape [B], got {tuple(rewards.shape)}")
+    if not isinstance(group_size, int) or group_size < 1 or rewards.shape[0] % group_size != 0:
+        raise ValueError(f"group_size: expected a divisor of the batch size {rewards.shape[0]}, got {group_size}")
+    if scale not in ("std", "none"):
+        raise ValueError(f"scale: expected 'std' or 'none', got {scale!r}")
+    if scale == "std" and group_size - std_ddof < 1:
+        raise ValueError(f"group_size: expected > std_ddof={std_ddof} for scale='std', got {group_size}")
+    with torch.no_grad():
+        groups = rewards.to(torch.float32).view(-1, group_size)
+        centred = groups - groups.mean(dim=1, keepdim=True)
+        if scale == "std":
+            std = torch.sqrt((centred * centred).sum(dim=1, keepdim=True) / (group_size - std_ddof))
+            centred = centred / (std + eps)
+    return centred.reshape(-1)
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    clip: Optional[float] = None,
+    loss_agg: str = "token-mean",
+    normalizer: Optional[Number] = None,
+) -> torch.Tensor:
+    """Clipped value loss: 0-d float32, differentiable in ``values``.
+
+    values, old_values, returns, mask ``[B, T]`` or ``[N]`` (one sequence). Per token
+    0.5 * max((v - R)^2, (v_clip - R)^2), v_clip = v_old + clamp(v - v_old, -clip, clip); ``clip=None``
+    gives 0.5 * (v - R)^2 (verl's ``compute_value_loss``, OpenRLHF's ``ValueLoss``). Reduced like the
+    policy losses (``loss_agg``: "token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+    "seq-mean-token-sum-norm", "sum" or TRL's names; ``normalizer`` replaces the default divisor).
+    """
+    check_float_tensor("values", values)
+    if values.dim() not in (1, 2):
+        raise ValueError(f"values: expected shape [B, T] or [N], got {tuple(values.shape)}")
+    check_shape("old_values", old_values, values.shape, "the shape of values")
+    check_shape("returns", returns, values.shape, "the shape of values")
+    if clip is not None and not clip > 0:
+        raise ValueError(f"clip: expected a number > 0 or None, got {clip!r}")
+    mode = canonical_loss_agg(loss_agg)
+    v = values.to(torch.float32)
+    old = old_values.detach().to(torch.float32)
+    target = returns.detach().to(torch.float32)
+    m = as_float_mask(mask, values.shape, values)
+    if v.dim() == 1:
+        v, old, target, m = v[None], old[None], target[None], m[None]
+    err = (v - target) ** 2
+    if clip is not None:
+        err = torch.maximum(err, (old + torch.clamp(v - old, -clip, clip) - target) ** 2)
+    return aggregate(0.5 * err, m, mode, normalizer)

@@ -1,0 +1,167 @@
+"""Pass 2 of the core op in Triton: dL/dlogits from the row statistics, one read and one write."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..core import CoreParams, CoreStats
+from .online_softmax import (
+    LaunchConfig,
+    check_launch,
+    check_logits,
+    device_guard,
+    softcap_tanh,
+    softmax_input,
+    transform_scalars,
+)
+
+# Derivation (row z, target y, x = transform(z), p = softmax(x), E = sum_j p_j x_j):
+#   logp = x_y - lse                 -> d logp / dx_j = 1[j=y] - p_j
+#   H = lse - E, dE/dx_j = p_j + sum_i x_i dp_i/dx_j = p_j + p_j x_j - p_j E
+#                                    -> dH/dx_j = p_j - p_j (1 + x_j - E) = -p_j (x_j - E)
+#   dL/dx_j = g_lp (1[j=y] - p_j) - g_H p_j (x_j - E)
+#           = g_lp 1[j=y] - p_j (g_lp + g_H (x_j - E))
+#   chain rule through the transform, elementwise:
+#     x = k' z                 -> dx/dz = k' = logit_scale / temperature
+#     x = (c / tau) tanh(u), u = logit_scale z / c
+#                              -> dx/dz = (c / tau) (1 - tanh^2 u) (logit_scale / c)
+#                                       = (logit_scale / temperature) (1 - tanh^2 u)
+#   p_j = e^{x_j - lse} uses the lse of pass 1, so no reduction is needed here: each block is read,
+#   turned into its gradient and written back independently (in place when out is logits).
+# Lanes with z = -inf (masked vocabulary) have p = 0 but x - E = -inf; x is clamped to -1e30 so the
+# product is 0 rather than 0 * -inf = NaN. Lanes past V get the same -1e30 (p = 0, nothing overflows).
+_MOST_NEGATIVE_X = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def _grad_kernel(
+    logits_ptr,
+    targets_ptr,
+    lse_ptr,
+    mean_x_ptr,
+    g_lp_ptr,
+    g_entropy_ptr,
+    out_ptr,
+    n_rows,
+    vocab,
+    stride_row,
+    stride_out_row,
+    w_sign,
+    k,
+    cap_in,
+    cap_out,
+    dx_dz,
+    ignore_index,
+    HAS_SOFTCAP: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """out[r, j] = dx_j/dz_j * [g_lp 1[j=y] - p_j (g_lp + g_H (x_j - E))], p_j = e^{x_j - lse}.
+
+    dx/dz = dx_dz = logit_scale / temperature, times (1 - tanh^2(logit_scale z / c)) under softcap;
+    rows with y == ignore_index are written as 0 without being read. Each program reads a block
+    before writing the same block, so out may alias logits.
+    """
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    row_base = logits_ptr + rows.to(tl.int64) * stride_row
+    out_base = out_ptr + rows.to(tl.int64) * stride_out_row
+    lanes = tl.arange(0, BLOCK_V)
+
+    y = tl.load(targets_ptr + rows, mask=row_ok, other=0)
+    valid = row_ok & (y != ignore_index)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    mean_x = tl.load(mean_x_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    g_lp = tl.where(valid, tl.load(g_lp_ptr + rows, mask=row_ok, other=0.0), 0.0)[:, None]
+    g_h = tl.where(valid, tl.load(g_entropy_ptr + rows, mask=row_ok, other=0.0), 0.0)[:, None]
+    y = tl.where(valid, y, -1)[:, None]
+
+    for start in range(0, vocab, BLOCK_V):
+        cols = start + lanes
+        mask = row_ok[:, None] & (cols < vocab)[None, :]
+        # Ignored rows are written as zeros without being read (masked tokens cost half the traffic).
+        z = tl.load(row_base[:, None] + cols[None, :], mask=mask & valid[:, None], other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            th, sech2 = softcap_tanh(z * cap_in)
+            x = cap_out * th
+            slope = dx_dz * sech2
+        else:
+            x = softmax_input(z, w_sign, cap_in, cap_out, HAS_SOFTCAP) * k
+            slope = dx_dz
+        x = tl.where(mask & valid[:, None], tl.maximum(x, _MOST_NEGATIVE_X), _MOST_NEGATIVE_X)
+        p = tl.exp(x - lse)
+        # p (x - E) first: it is exactly 0 on dead lanes whatever g_H is (no g_H * -1e30 overflow).
+        g = tl.where(cols[None, :] == y, g_lp, 0.0) - p * g_lp - g_h * (p * (x - mean_x))
+        g = tl.where(valid[:, None], g * slope, 0.0)
+        tl.store(out_base[:, None] + cols[None, :], g.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def grad(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    stats: CoreStats,
+    g_lp: torch.Tensor,
+    g_entropy: torch.Tensor,
+    params: CoreParams,
+    out: Optional[torch.Tensor] = None,
+    *,
+    launch: Optional[LaunchConfig] = None,
+) -> torch.Tensor:
+    """Pass 2 of the core op (SPEC sections 4, 6b): dL/dlogits, one read of ``logits`` and one write.
+
+    logits ``[N, V]`` and targets ``[N]`` as for ``stats``; ``stats`` from pass 1 (only ``lse`` and
+    ``mean_x`` are read); g_lp = dL/dlogp and g_entropy = dL/dentropy, float32 ``[N]``.
+    Returns ``out`` (a new tensor of the logits' shape and dtype when None; ``out`` may be
+    ``logits`` itself for an in-place gradient, or any tensor of that shape and dtype with a unit
+    last-dim stride) holding, row by row,
+
+        dL/dz_j = dx_j/dz_j * [g_lp (1[j=y] - p_j) - g_entropy p_j (x_j - E_p[x])],
+
+    computed in float32 and rounded to out's dtype; zero rows where y == ``params.ignore_index``.
+    p_j = e^{x_j - lse} with the float32 lse of pass 1, so p carries a relative error of about
+    ulp(|lse|) / 2 (6e-4 at |lse| = 1e4, 1e-7 at |lse| < 2). No host synchronisation.
+    """
+    check_logits(logits, targets)
+    n_rows, vocab = logits.shape
+    if out is None:
+        out = torch.empty((n_rows, vocab), dtype=logits.dtype, device=logits.device)
+    elif out.shape != logits.shape or out.dtype != logits.dtype or out.device != logits.device:
+        raise ValueError(
+            f"out: expected {tuple(logits.shape)} {logits.dtype} on {logits.device}, "
+            f"got {tuple(out.shape)} {out.dtype} on {out.device}"
+        )
+    elif vocab > 1 and out.stride(1) != 1:
+        raise ValueError(f"out: expected a unit stride in the last dim, got strides {out.stride()}")
+    if n_rows == 0:
+        return out
+    cfg = check_launch(launch, vocab, logits.dtype)
+    sc = transform_scalars(params)
+    vectors = [v.to(torch.float32).contiguous() for v in (stats.lse, stats.mean_x, g_lp, g_entropy)]
+    grid = (triton.cdiv(n_rows, cfg.rows),)
+    with device_guard(logits):
+        _grad_kernel[grid](
+            logits,
+            targets.contiguous(),
+            *vectors,
+            out,
+            n_rows,
+            vocab,
+            logits.stride(0),
+            out.stride(0),
+            sc.w_sign,
+            sc.k,
+            sc.cap_in,
+            sc.cap_out,
+            sc.dx_dz,
+            params.ignore_index,
+            HAS_SOFTCAP=sc.has_softcap,
+            ROWS=cfg.rows,
+            BLOCK_V=cfg.block_v,
+            num_warps=cfg.num_warps,
+        )
+    return out

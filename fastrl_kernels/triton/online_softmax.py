@@ -1,0 +1,177 @@
+"""The online-softmax building block shared by the Triton kernels, and their launch table.
+
+Both kernels see a row of logits z through the transform of ``CoreParams``:
+
+    x = c * tanh(logit_scale * z / c) / temperature      with softcap c
+    x = logit_scale * z / temperature                     without
+
+and walk the vocabulary in blocks of ``BLOCK_V`` lanes. Inside a kernel a row is held as
+``w`` with ``x = w * k``: without softcap w = sign(logit_scale) * z and k = |logit_scale| / temperature,
+so the running max and every shift ``(w - m) * k`` are taken on the raw logits (z_y - max z is exact
+in float32, fl(z * k) at |z| = 1e4 is not); with softcap w = x and k = 1. Lanes past V and logits of
+-inf are dead: they hold w = -inf and contribute 0 through ``tl.where`` (never 0 * -inf).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..core import CoreParams
+
+# Below this |u| tanh comes from its Taylor series: (1 - e^{-2u}) / (1 + e^{-2u}) loses ~eps / (2u)
+# of relative accuracy to cancellation as u -> 0. Through u^13 the series is off by < 1e-8 relative
+# at |u| = 0.4, where the exp form is already within ~2e-7.
+_TANH_SERIES_BOUND = tl.constexpr(0.4)
+
+
+@triton.jit
+def softcap_tanh(u):
+    """(tanh u, 1 - tanh^2 u) in float32 for any u, inf included, without overflow.
+
+    With e = exp(-2|u|) in (0, 1]: tanh|u| = (1 - e) / (1 + e) and 1 - tanh^2 u = 4e / (1 + e)^2,
+    the latter free of the cancellation of 1 - tanh^2 near |u| = large. Small |u| use the series
+    u - u^3/3 + 2u^5/15 - 17u^7/315 + 62u^9/2835 - 1382u^11/155925 + 21844u^13/6081075.
+    """
+    a = tl.abs(u)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    sech2 = 4.0 * e / ((1.0 + e) * (1.0 + e))
+    # The clamp keeps the (discarded) series finite for huge |u|: tl.where evaluates both sides.
+    c = tl.minimum(a, _TANH_SERIES_BOUND)
+    c2 = c * c
+    poly = 21844.0 / 6081075.0
+    poly = poly * c2 - 1382.0 / 155925.0
+    poly = poly * c2 + 62.0 / 2835.0
+    poly = poly * c2 - 17.0 / 315.0
+    poly = poly * c2 + 2.0 / 15.0
+    poly = poly * c2 - 1.0 / 3.0
+    small = c + c * c2 * poly
+    mag = tl.where(a < _TANH_SERIES_BOUND, small, big)
+    return tl.where(u < 0.0, -mag, mag), sech2
+
+
+@triton.jit
+def softmax_input(z, w_sign, cap_in, cap_out, HAS_SOFTCAP: tl.constexpr):
+    """w of float32 logits z (module docstring): ``cap_out * tanh(cap_in * z)`` or ``w_sign * z``."""
+    if HAS_SOFTCAP:
+        th, _ = softcap_tanh(z * cap_in)
+        return cap_out * th
+    else:
+        return z * w_sign
+
+
+@triton.jit
+def online_softmax_update(m, s, t, q, w, k, WITH_SQUARES: tl.constexpr):
+    """Fold one block ``w`` [ROWS, BLOCK_V] (dead lanes = -inf) into the running row statistics.
+
+    Per row, relative to the running max m (in w units, -inf before any live lane):
+        s = sum_j e^{d_j},  t = sum_j e^{d_j} d_j,  q = sum_j e^{2 d_j},  d_j = (w_j - m) k = x_j - max x.
+    When the max moves m -> m', with a = e^{(m - m') k} and block sums taken against m':
+        s' = a s + s_blk,  t' = a (t + s (m - m') k) + t_blk,  q' = a^2 q + q_blk.
+    (t: every old d_j gains (m - m') k.) q is only accumulated when WITH_SQUARES; returns (m', s', t', q').
+    """
+    m_new = tl.maximum(m, tl.max(w, axis=1))
+    # A row with no live lane yet keeps m' = -inf; shift it by 0 so no -inf - -inf appears.
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    live = w > float("-inf")
+    d = tl.where(live, (w - m_ref[:, None]) * k, 0.0)
+    e = tl.where(live, tl.exp(d), 0.0)
+    seen = m > float("-inf")
+    dm = tl.where(seen, (m - m_ref) * k, 0.0)
+    a = tl.where(seen, tl.exp(dm), 0.0)
+    s_new = a * s + tl.sum(e, axis=1)
+    t_new = a * (t + s * dm) + tl.sum(e * d, axis=1)
+    if WITH_SQUARES:
+        q_new = a * a * q + tl.sum(e * e, axis=1)
+    else:
+        q_new = q
+    return m_new, s_new, t_new, q_new
+
+
+@dataclass(frozen=True)
+class TransformScalars:
+    """Runtime float32 scalars of the transform (never constexpr: no recompile per value)."""
+
+    has_softcap: bool
+    w_sign: float  # sign(logit_scale) without softcap
+    k: float  # |logit_scale| / temperature without softcap, 1 with
+    cap_in: float  # logit_scale / c
+    cap_out: float  # c / temperature
+    dx_dz: float  # logit_scale / temperature (times 1 - tanh^2 under softcap)
+
+
+def transform_scalars(params: CoreParams) -> TransformScalars:
+    scale, tau = float(params.logit_scale), float(params.temperature)
+    if params.softcap is None:
+        return TransformScalars(False, -1.0 if scale < 0 else 1.0, abs(scale) / tau, 1.0, 1.0, scale / tau)
+    cap = float(params.softcap)
+    return TransformScalars(True, 1.0, 1.0, scale / cap, cap / tau, scale / tau)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile of one program: ``rows`` rows x ``block_v`` vocabulary lanes per step, ``num_warps`` warps."""
+
+    block_v: int
+    rows: int = 1
+    num_warps: int = 4
+
+
+# Launch table, by vocabulary size and element size (autotuning is off by default; bench/gpu_suite.py
+# --sweep times alternatives on a GPU). A tile moves at most 16 KiB of logits per step: block_v =
+# 4096 lanes in float32, 8192 in bf16/fp16, enough bytes in flight per warp to stream at HBM speed
+# while the float32 working set (w, e, d per lane) stays in registers. When a whole row fits in
+# fewer lanes, one program takes several rows (up to 16) so small vocabularies still fill the tile.
+_TILE_BYTES = 16384
+_MAX_ROWS = 16
+
+
+def launch_config(vocab: int, dtype: torch.dtype) -> LaunchConfig:
+    """Block size, rows per program and warps for rows of ``vocab`` logits of ``dtype``."""
+    tile = _TILE_BYTES // torch.empty((), dtype=dtype).element_size()
+    block_v = max(16, min(tile, triton.next_power_of_2(vocab)))
+    rows = max(1, min(_MAX_ROWS, tile // block_v)) if block_v >= vocab else 1
+    elements = rows * block_v
+    num_warps = 8 if elements >= 4096 else (4 if elements >= 1024 else 2)
+    return LaunchConfig(block_v=block_v, rows=rows, num_warps=num_warps)
+
+
+def check_launch(launch: Optional[LaunchConfig], vocab: int, dtype: torch.dtype) -> LaunchConfig:
+    if launch is None:
+        return launch_config(vocab, dtype)
+    for name, value in (("block_v", launch.block_v), ("rows", launch.rows)):
+        if value < 1 or value & (value - 1):
+            raise ValueError(f"launch.{name}: expected a power of two >= 1, got {value}")
+    if launch.num_warps < 1 or launch.num_warps & (launch.num_warps - 1):
+        raise ValueError(f"launch.num_warps: expected a power of two, got {launch.num_warps}")
+    return launch
+
+
+def check_logits(logits: torch.Tensor, targets: torch.Tensor) -> None:
+    """Shapes and layout the kernels rely on (the ops validate values; this guards the pointers)."""
+    if logits.dim() != 2 or logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"logits: expected a 2-D float32/bfloat16/float16 tensor, got {tuple(logits.shape)} {logits.dtype}"
+        )
+    if logits.shape[1] < 1 or (logits.shape[1] > 1 and logits.stride(1) != 1):
+        raise ValueError(
+            f"logits: expected V >= 1 and a unit stride in the last dim, got shape {tuple(logits.shape)} "
+            f"strides {logits.stride()}"
+        )
+    if targets.shape != logits.shape[:1] or targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            f"targets: expected int64 of shape {tuple(logits.shape[:1])}, got {tuple(targets.shape)} {targets.dtype}"
+        )
+    if targets.device != logits.device:
+        raise ValueError(f"targets: expected a tensor on {logits.device}, got {targets.device}")
+
+
+def device_guard(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Launch on the tensor's GPU (Triton uses the current device), a no-op on CPU."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()

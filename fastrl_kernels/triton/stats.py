@@ -1,0 +1,140 @@
+"""Pass 1 of the core op in Triton: per-row log-prob, entropy, lse, E[x] (and log sum p^2), one read."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..core import CoreParams, CoreStats
+from .online_softmax import (
+    LaunchConfig,
+    check_launch,
+    check_logits,
+    device_guard,
+    online_softmax_update,
+    softmax_input,
+    transform_scalars,
+)
+
+
+@triton.jit
+def _stats_kernel(
+    logits_ptr,
+    targets_ptr,
+    out_ptr,
+    n_rows,
+    vocab,
+    stride_row,
+    w_sign,
+    k,
+    cap_in,
+    cap_out,
+    ignore_index,
+    HAS_SOFTCAP: tl.constexpr,
+    WITH_LOG_SUM_P2: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Rows [pid * ROWS, pid * ROWS + ROWS) of logits -> out[f, row] for the fields f below.
+
+    With x = w k (see online_softmax), m = max_j w_j and, accumulated online over vocab blocks,
+    s = sum_j e^{(w_j - m) k}, t = sum_j e^{(w_j - m) k} (w_j - m) k, q = sum_j e^{2 (w_j - m) k}:
+
+        out[0] logp       = (w_y - m) k - log s          (0 where y == ignore_index)
+        out[1] entropy    = log s - t / s                (0 where y == ignore_index)
+        out[2] lse        = m k + log s
+        out[3] mean_x     = m k + t / s                  (= E_p[x])
+        out[4] log_sum_p2 = log q - 2 log s              (only WITH_LOG_SUM_P2)
+
+    logp never forms x_y - lse: at |x| = 1e4 that difference of two rounded numbers is off by ~5e-4.
+    """
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    # int64 offsets: N * V exceeds 2^31 at N = 16384, V = 151936.
+    row_base = logits_ptr + rows.to(tl.int64) * stride_row
+    lanes = tl.arange(0, BLOCK_V)
+
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    s = tl.zeros([ROWS], tl.float32)
+    t = tl.zeros([ROWS], tl.float32)
+    q = tl.zeros([ROWS], tl.float32)
+    for start in range(0, vocab, BLOCK_V):
+        cols = start + lanes
+        mask = row_ok[:, None] & (cols < vocab)[None, :]
+        z = tl.load(row_base[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        w = softmax_input(z, w_sign, cap_in, cap_out, HAS_SOFTCAP)
+        w = tl.where(mask, w, float("-inf"))
+        m, s, t, q = online_softmax_update(m, s, t, q, w, k, WITH_LOG_SUM_P2)
+
+    y = tl.load(targets_ptr + rows, mask=row_ok, other=0)
+    valid = row_ok & (y != ignore_index)
+    z_y = tl.load(row_base + tl.where(valid, y, 0), mask=valid, other=0.0).to(tl.float32)
+    w_y = softmax_input(z_y, w_sign, cap_in, cap_out, HAS_SOFTCAP)
+
+    # Rows past n_rows (the last program's padding) saw no live lane: s = q = 0 there.
+    s = tl.where(row_ok, s, 1.0)
+    q = tl.where(row_ok, q, 1.0)
+    log_s = tl.log(s)
+    mean_shift = t / s
+    max_x = m * k
+    logp = tl.where(valid, (w_y - m) * k - log_s, 0.0)
+    entropy = tl.where(valid, log_s - mean_shift, 0.0)
+    tl.store(out_ptr + rows, logp, mask=row_ok)
+    tl.store(out_ptr + n_rows + rows, entropy, mask=row_ok)
+    tl.store(out_ptr + 2 * n_rows + rows, max_x + log_s, mask=row_ok)
+    tl.store(out_ptr + 3 * n_rows + rows, max_x + mean_shift, mask=row_ok)
+    if WITH_LOG_SUM_P2:
+        tl.store(out_ptr + 4 * n_rows + rows, tl.log(q) - 2.0 * log_s, mask=row_ok)
+
+
+def stats(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    params: CoreParams,
+    with_log_sum_p2: bool = False,
+    *,
+    launch: Optional[LaunchConfig] = None,
+) -> CoreStats:
+    """Pass 1 of the core op (SPEC sections 4, 6b): one streaming read of ``logits``.
+
+    logits: ``[N, V]`` float32/bfloat16/float16, unit stride in the last dim, any row stride.
+    targets: ``[N]`` int64 in [0, V) or ``params.ignore_index``.
+    Returns ``CoreStats`` of float32 ``[N]`` tensors: logp = log softmax(x)[y], entropy of
+    softmax(x), lse = logsumexp(x), mean_x = E_p[x], and log_sum_p2 = log sum_j p_j^2 when
+    ``with_log_sum_p2``; x = transform(z) as in ``CoreParams``. Rows whose target is
+    ``ignore_index`` get logp = entropy = 0; their lse, mean_x, log_sum_p2 are still the row's
+    (as ``fastrl_kernels.reference.token_stats``). ``launch`` overrides the table of
+    ``online_softmax.launch_config``. No host synchronisation.
+    """
+    check_logits(logits, targets)
+    n_rows, vocab = logits.shape
+    fields = 5 if with_log_sum_p2 else 4
+    out = torch.empty((fields, n_rows), dtype=torch.float32, device=logits.device)
+    if n_rows > 0:
+        cfg = check_launch(launch, vocab, logits.dtype)
+        sc = transform_scalars(params)
+        grid = (triton.cdiv(n_rows, cfg.rows),)
+        with device_guard(logits):
+            _stats_kernel[grid](
+                logits,
+                targets.contiguous(),
+                out,
+                n_rows,
+                vocab,
+                logits.stride(0),
+                sc.w_sign,
+                sc.k,
+                sc.cap_in,
+                sc.cap_out,
+                params.ignore_index,
+                HAS_SOFTCAP=sc.has_softcap,
+                WITH_LOG_SUM_P2=with_log_sum_p2,
+                ROWS=cfg.rows,
+                BLOCK_V=cfg.block_v,
+                num_warps=cfg.num_warps,
+            )
+    return CoreStats(out[0], out[1], out[2], out[3], out[4] if with_log_sum_p2 else None)
