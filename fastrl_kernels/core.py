@@ -38,9 +38,12 @@ class CoreParams:
 
 
 class CoreStats(NamedTuple):
-    """Per-row statistics of pass 1, all float32 of shape ``[N]``.
+    """Per-row statistics of pass 1, each of shape ``[N]``.
 
-    ``lse`` and ``mean_x`` are in x units (after scale/softcap/temperature); pass 2 needs only them.
+    ``logp``, ``entropy``, ``log_sum_p2``: float32. ``lse`` and ``mean_x`` (= E_p[x]): float64, in x
+    units (after scale/softcap/temperature); pass 2 needs only them. They are float64 because at
+    |x| ~ 1e4 a float32 lse is off by up to 5e-4, and p = e^{x - lse} would inherit that error:
+    pass 2 forms x - lse as k (z - c) - r with c = fp32(lse / k), r = lse - k c (see the backends).
     ``log_sum_p2`` is ``None`` unless asked for (WPO weights).
     """
 

@@ -25,15 +25,43 @@ def rows_per_chunk(n_rows: int, vocab: int, chunk_elements: int = _CHUNK_ELEMENT
     return max(1, min(n_rows, chunk_elements // max(vocab, 1)))
 
 
-def _transform_into(x: torch.Tensor, z: torch.Tensor, params: CoreParams) -> Optional[torch.Tensor]:
-    """x <- transform(z) in float32; returns tanh(scale z / c) under softcap (for dx/dz), else None."""
+def _shifted_into(x: torch.Tensor, z: torch.Tensor, params: CoreParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """x <- x - m in float32 with m = max_j x_j; returns (m as float64 [rows, 1], tanh or None).
+
+    Without softcap the shift is taken on the raw logits, x - m = k (z - max z): z - max z is exact
+    where it matters, whereas rounding k z to float32 first would cost ulp(|k z|) (5e-4 at 1e4).
+    Under softcap |x| <= c / temperature, so x itself is formed and shifted.
+    """
     x.copy_(z)
     if params.softcap is None:
-        x.mul_(params.logit_scale / params.temperature)
-        return None
+        k = params.logit_scale / params.temperature
+        z_max = x.amax(dim=1, keepdim=True)
+        x.sub_(z_max).mul_(k)
+        return z_max.double() * k, None
     x.mul_(params.logit_scale / params.softcap).tanh_()
     tanh = x.clone()
     x.mul_(params.softcap / params.temperature)
+    x_max = x.amax(dim=1, keepdim=True)
+    x.sub_(x_max)
+    return x_max.double(), tanh
+
+
+def _minus_lse_into(x: torch.Tensor, z: torch.Tensor, lse: torch.Tensor, params: CoreParams):
+    """x <- x - lse in float32 for float64 ``lse [rows, 1]``; returns tanh or None (see _shifted_into).
+
+    Without softcap, x - lse = k (z - c) - r with c = fp32(lse / k), r = lse - k c: z - c is exact
+    for the lanes with non-negligible p (Sterbenz), so p keeps full precision at |z| = 1e4.
+    """
+    x.copy_(z)
+    if params.softcap is None:
+        k = params.logit_scale / params.temperature
+        c = (lse / k).float()
+        r = (lse - c.double() * k).float()
+        x.sub_(c).mul_(k).sub_(r)
+        return None
+    x.mul_(params.logit_scale / params.softcap).tanh_()
+    tanh = x.clone()
+    x.mul_(params.softcap / params.temperature).sub_(lse.float())
     return tanh
 
 
@@ -47,8 +75,9 @@ def stats(
 ) -> CoreStats:
     n_rows, vocab = logits.shape
     device = logits.device
-    out = torch.empty((5 if with_log_sum_p2 else 4, n_rows), dtype=torch.float32, device=device)
-    logp, entropy, lse, mean_x = out[0], out[1], out[2], out[3]
+    logp, entropy = torch.empty((2, n_rows), dtype=torch.float32, device=device)
+    lse, mean_x = torch.empty((2, n_rows), dtype=torch.float64, device=device)
+    log_sum_p2 = torch.empty(n_rows, dtype=torch.float32, device=device) if with_log_sum_p2 else None
     rows = rows_per_chunk(n_rows, vocab)
     x_buf = torch.empty((rows, vocab), dtype=torch.float32, device=device)
     e_buf = torch.empty_like(x_buf)
@@ -56,28 +85,26 @@ def stats(
     for start in range(0, n_rows, rows):
         stop = min(start + rows, n_rows)
         x, e = x_buf[: stop - start], e_buf[: stop - start]
-        _transform_into(x, logits[start:stop], params)
-        row_max = x.amax(dim=1, keepdim=True)
-        x.sub_(row_max).clamp_(min=_MOST_NEGATIVE_SHIFT)
+        row_max, _ = _shifted_into(x, logits[start:stop], params)
+        x.clamp_(min=_MOST_NEGATIVE_SHIFT)
         torch.exp(x, out=e)
         s = e.sum(dim=1)
         # Batched dot products: sum_j e_j (x_j - m) without an N x V temporary.
         t = torch.bmm(e.unsqueeze(1), x.unsqueeze(2)).view(-1)
         log_s = s.log()
-        chunk_logp = x.gather(1, safe_targets[start:stop]).view(-1) - log_s
         mean_shifted = t / s
         m = row_max.view(-1)
-        logp[start:stop] = chunk_logp
+        logp[start:stop] = x.gather(1, safe_targets[start:stop]).view(-1) - log_s
         entropy[start:stop] = log_s - mean_shifted
-        lse[start:stop] = m + log_s
-        mean_x[start:stop] = m + mean_shifted
+        lse[start:stop] = m + log_s.double()
+        mean_x[start:stop] = m + mean_shifted.double()
         if with_log_sum_p2:
             s2 = torch.bmm(e.unsqueeze(1), e.unsqueeze(2)).view(-1)
-            out[4, start:stop] = s2.log() - 2.0 * log_s
+            log_sum_p2[start:stop] = s2.log() - 2.0 * log_s
     zero = torch.zeros((), dtype=torch.float32, device=device)
     logp.copy_(torch.where(valid, logp, zero))
     entropy.copy_(torch.where(valid, entropy, zero))
-    return CoreStats(logp, entropy, lse, mean_x, out[4] if with_log_sum_p2 else None)
+    return CoreStats(logp, entropy, lse, mean_x, log_sum_p2)
 
 
 def grad(
@@ -98,9 +125,9 @@ def grad(
     g_entropy = torch.where(valid, g_entropy.float(), zero)
     # dL/dx_j = -p_j [g_lp + g_H (x_j - E)] + g_lp 1[j=y], written with x - lse as the working variable:
     # x_j - E = (x_j - lse) + (lse - E).
-    offset = (g_lp + g_entropy * (stats.lse - stats.mean_x)).unsqueeze(1)
+    offset = (g_lp + g_entropy * (stats.lse - stats.mean_x).float()).unsqueeze(1)
     g_h = g_entropy.unsqueeze(1)
-    lse = stats.lse.unsqueeze(1)
+    lse = stats.lse.double().unsqueeze(1)
     rows = rows_per_chunk(n_rows, vocab)
     x_buf = torch.empty((rows, vocab), dtype=torch.float32, device=logits.device)
     p_buf = torch.empty_like(x_buf)
@@ -108,8 +135,8 @@ def grad(
     for start in range(0, n_rows, rows):
         stop = min(start + rows, n_rows)
         x, p = x_buf[: stop - start], p_buf[: stop - start]
-        tanh = _transform_into(x, logits[start:stop], params)
-        x.sub_(lse[start:stop]).clamp_(min=_MOST_NEGATIVE_SHIFT)
+        tanh = _minus_lse_into(x, logits[start:stop], lse[start:stop], params)
+        x.clamp_(min=_MOST_NEGATIVE_SHIFT)
         torch.exp(x, out=p)
         x.mul_(g_h[start:stop]).add_(offset[start:stop]).mul_(p).neg_()
         x.scatter_add_(1, safe_targets[start:stop], g_lp[start:stop].unsqueeze(1))

@@ -21,8 +21,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 import fastrl_kernels.triton as ft  # noqa: E402
 from fastrl_kernels.core import CoreParams  # noqa: E402
-from fastrl_kernels.reference import token_stats, transformed_logits  # noqa: E402
-from fastrl_kernels.testing import assert_close_to_reference, tolerances  # noqa: E402
+from fastrl_kernels.reference import token_stats  # noqa: E402
+from fastrl_kernels.testing import assert_close_to_reference  # noqa: E402
 from fastrl_kernels.testing.strategies import core_inputs, make_logits  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -60,26 +60,10 @@ def _reference(logits, targets, params, g_lp, g_h):
     return ref, z.grad
 
 
-def _assert_grad_close(actual, expected, logits, params, ref, g_lp, g_h, dtype, name="grad"):
-    """SPEC 6 grad tolerances plus the float32-lse term: pass 2 forms p_j = e^{x_j - lse} with the
-    float32 lse and E of pass 1, each off by up to ulp(max(|lse|, |E|)), which moves dL/dz_j by
-    |dx/dz| p_j (|g_lp| + |g_h| (|x_j - E| + 1)) times that (~0 unless |x| is in the thousands)."""
-    tol = tolerances(dtype, "grad")
-    kw = dict(temperature=params.temperature, logit_scale=params.logit_scale, softcap=params.softcap)
-    z = logits.detach().cpu().to(torch.float64).requires_grad_(True)
-    x = transformed_logits(z, **kw)
-    slope = torch.autograd.grad(x.sum(), z)[0].abs()
-    x = x.detach()
-    p = torch.exp(x - ref.lse.detach()[:, None])
-    ulp = 2.0**-23 * torch.maximum(ref.lse.detach().abs(), ref.mean_x.detach().abs())[:, None]
-    coef = g_lp.double().abs()[:, None] + g_h.double().abs()[:, None] * ((x - ref.mean_x.detach()[:, None]).abs() + 1)
-    bound = tol["atol"] + tol["rtol"] * expected.abs() + 2 * ulp * slope * p * coef
-    err = (actual.detach().cpu().double() - expected).abs()
-    worst = int(torch.argmax(err - bound))
-    assert bool((err <= bound).all()), (
-        f"{name}: |err| {err.flatten()[worst]:.3g} > bound {bound.flatten()[worst]:.3g} at flat index {worst} "
-        f"(inputs {dtype}, {params})"
-    )
+def _assert_grad_close(actual, expected, dtype, name="grad"):
+    """SPEC 6 grad tolerances: pass 2 takes the float64 lse of pass 1 apart (core.CoreStats), so the
+    gradient keeps float32 accuracy even at |x| = 1e4."""
+    assert_close_to_reference(actual, expected, dtype=dtype, kind="grad", name=name)
 
 
 def _check(logits, targets, params, launch=None, inplace=False, seed=0):
@@ -92,7 +76,8 @@ def _check(logits, targets, params, launch=None, inplace=False, seed=0):
     dtype = logits.dtype
     for field in ("logp", "entropy", "lse", "mean_x", "log_sum_p2"):
         value = getattr(got, field)
-        assert value.dtype == torch.float32 and value.shape == (n_rows,)
+        wide = field in ("lse", "mean_x")
+        assert value.dtype == (torch.float64 if wide else torch.float32) and value.shape == (n_rows,)
         assert_close_to_reference(value, getattr(ref, field).detach(), dtype=dtype, name=field)
     out = logits if inplace else None
     before = logits.detach().clone()
@@ -102,7 +87,7 @@ def _check(logits, targets, params, launch=None, inplace=False, seed=0):
         assert grad.data_ptr() == logits.data_ptr()
     else:
         assert torch.equal(logits, before), "grad() modified its input"
-    _assert_grad_close(grad, ref_grad, before, params, ref, g_lp, g_h, dtype)
+    _assert_grad_close(grad, ref_grad, dtype)
     ignored = targets.to(DEVICE) == params.ignore_index
     assert bool((grad[ignored] == 0).all()) and bool((got.logp[ignored] == 0).all())
     assert bool((got.entropy[ignored] == 0).all())

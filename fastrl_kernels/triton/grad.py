@@ -41,8 +41,9 @@ _MOST_NEGATIVE_X = tl.constexpr(-1.0e30)
 def _grad_kernel(
     logits_ptr,
     targets_ptr,
-    lse_ptr,
-    mean_x_ptr,
+    c_ptr,
+    r_ptr,
+    h_ptr,
     g_lp_ptr,
     g_entropy_ptr,
     out_ptr,
@@ -75,8 +76,9 @@ def _grad_kernel(
 
     y = tl.load(targets_ptr + rows, mask=row_ok, other=0)
     valid = row_ok & (y != ignore_index)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    mean_x = tl.load(mean_x_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    c = tl.load(c_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    r = tl.load(r_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    h = tl.load(h_ptr + rows, mask=row_ok, other=0.0)[:, None]
     g_lp = tl.where(valid, tl.load(g_lp_ptr + rows, mask=row_ok, other=0.0), 0.0)[:, None]
     g_h = tl.where(valid, tl.load(g_entropy_ptr + rows, mask=row_ok, other=0.0), 0.0)[:, None]
     y = tl.where(valid, y, -1)[:, None]
@@ -88,17 +90,28 @@ def _grad_kernel(
         z = tl.load(row_base[:, None] + cols[None, :], mask=mask & valid[:, None], other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
             th, sech2 = softcap_tanh(z * cap_in)
-            x = cap_out * th
+            w = cap_out * th
             slope = dx_dz * sech2
         else:
-            x = softmax_input(z, w_sign, cap_in, cap_out, HAS_SOFTCAP) * k
+            w = softmax_input(z, w_sign, cap_in, cap_out, HAS_SOFTCAP)
             slope = dx_dz
-        x = tl.where(mask & valid[:, None], tl.maximum(x, _MOST_NEGATIVE_X), _MOST_NEGATIVE_X)
-        p = tl.exp(x - lse)
-        # p (x - E) first: it is exactly 0 on dead lanes whatever g_H is (no g_H * -1e30 overflow).
-        g = tl.where(cols[None, :] == y, g_lp, 0.0) - p * g_lp - g_h * (p * (x - mean_x))
+        # d = x - lse = (w - c) k - r: w - c is exact where p matters (see grad's docstring).
+        d = (w - c) * k - r
+        d = tl.where(mask & valid[:, None], tl.maximum(d, _MOST_NEGATIVE_X), _MOST_NEGATIVE_X)
+        p = tl.exp(d)
+        # x - E = d + (lse - E). p (x - E) first: exactly 0 on dead lanes whatever g_H is.
+        g = tl.where(cols[None, :] == y, g_lp, 0.0) - p * g_lp - g_h * (p * (d + h))
         g = tl.where(valid[:, None], g * slope, 0.0)
         tl.store(out_base[:, None] + cols[None, :], g.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def lse_split(stats: CoreStats, k: float) -> list[torch.Tensor]:
+    """Per-row float32 (c, r, h): lse = c k + r with c = fp32(lse / k), and h = lse - E_p[x]."""
+    lse = stats.lse.to(torch.float64)
+    c = (lse / k).to(torch.float32)
+    r = (lse - c.to(torch.float64) * k).to(torch.float32)
+    h = (lse - stats.mean_x.to(torch.float64)).to(torch.float32)
+    return [c.contiguous(), r.contiguous(), h.contiguous()]
 
 
 def grad(
@@ -123,8 +136,9 @@ def grad(
         dL/dz_j = dx_j/dz_j * [g_lp (1[j=y] - p_j) - g_entropy p_j (x_j - E_p[x])],
 
     computed in float32 and rounded to out's dtype; zero rows where y == ``params.ignore_index``.
-    p_j = e^{x_j - lse} with the float32 lse of pass 1, so p carries a relative error of about
-    ulp(|lse|) / 2 (6e-4 at |lse| = 1e4, 1e-7 at |lse| < 2). No host synchronisation.
+    p_j = e^{x_j - lse} with x_j - lse = (w_j - c) k - r, c = fp32(lse / k), r = lse - c k from the
+    float64 lse of pass 1: w_j - c is exact for every lane with non-negligible p (Sterbenz), so p
+    keeps float32 accuracy at |x| = 1e4. No host synchronisation.
     """
     check_logits(logits, targets)
     n_rows, vocab = logits.shape
@@ -141,7 +155,7 @@ def grad(
         return out
     cfg = check_launch(launch, vocab, logits.dtype)
     sc = transform_scalars(params)
-    vectors = [v.to(torch.float32).contiguous() for v in (stats.lse, stats.mean_x, g_lp, g_entropy)]
+    vectors = lse_split(stats, sc.k) + [v.to(torch.float32).contiguous() for v in (g_lp, g_entropy)]
     grid = (triton.cdiv(n_rows, cfg.rows),)
     with device_guard(logits):
         _grad_kernel[grid](

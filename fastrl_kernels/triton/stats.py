@@ -45,9 +45,10 @@ def _stats_kernel(
 
         out[0] logp       = (w_y - m) k - log s          (0 where y == ignore_index)
         out[1] entropy    = log s - t / s                (0 where y == ignore_index)
-        out[2] lse        = m k + log s
-        out[3] mean_x     = m k + t / s                  (= E_p[x])
-        out[4] log_sum_p2 = log q - 2 log s              (only WITH_LOG_SUM_P2)
+        out[2] m          (the launcher forms lse = m k + log s in float64)
+        out[3] log s
+        out[4] t / s      (the launcher forms mean_x = E_p[x] = m k + t / s in float64)
+        out[5] log_sum_p2 = log q - 2 log s              (only WITH_LOG_SUM_P2)
 
     logp never forms x_y - lse: at |x| = 1e4 that difference of two rounded numbers is off by ~5e-4.
     """
@@ -80,15 +81,15 @@ def _stats_kernel(
     q = tl.where(row_ok, q, 1.0)
     log_s = tl.log(s)
     mean_shift = t / s
-    max_x = m * k
     logp = tl.where(valid, (w_y - m) * k - log_s, 0.0)
     entropy = tl.where(valid, log_s - mean_shift, 0.0)
     tl.store(out_ptr + rows, logp, mask=row_ok)
     tl.store(out_ptr + n_rows + rows, entropy, mask=row_ok)
-    tl.store(out_ptr + 2 * n_rows + rows, max_x + log_s, mask=row_ok)
-    tl.store(out_ptr + 3 * n_rows + rows, max_x + mean_shift, mask=row_ok)
+    tl.store(out_ptr + 2 * n_rows + rows, m, mask=row_ok)
+    tl.store(out_ptr + 3 * n_rows + rows, log_s, mask=row_ok)
+    tl.store(out_ptr + 4 * n_rows + rows, mean_shift, mask=row_ok)
     if WITH_LOG_SUM_P2:
-        tl.store(out_ptr + 4 * n_rows + rows, tl.log(q) - 2.0 * log_s, mask=row_ok)
+        tl.store(out_ptr + 5 * n_rows + rows, tl.log(q) - 2.0 * log_s, mask=row_ok)
 
 
 def stats(
@@ -103,7 +104,7 @@ def stats(
 
     logits: ``[N, V]`` float32/bfloat16/float16, unit stride in the last dim, any row stride.
     targets: ``[N]`` int64 in [0, V) or ``params.ignore_index``.
-    Returns ``CoreStats`` of float32 ``[N]`` tensors: logp = log softmax(x)[y], entropy of
+    Returns ``CoreStats`` of ``[N]`` tensors (lse and mean_x float64, the rest float32): logp = log softmax(x)[y], entropy of
     softmax(x), lse = logsumexp(x), mean_x = E_p[x], and log_sum_p2 = log sum_j p_j^2 when
     ``with_log_sum_p2``; x = transform(z) as in ``CoreParams``. Rows whose target is
     ``ignore_index`` get logp = entropy = 0; their lse, mean_x, log_sum_p2 are still the row's
@@ -112,7 +113,7 @@ def stats(
     """
     check_logits(logits, targets)
     n_rows, vocab = logits.shape
-    fields = 5 if with_log_sum_p2 else 4
+    fields = 6 if with_log_sum_p2 else 5
     out = torch.empty((fields, n_rows), dtype=torch.float32, device=logits.device)
     if n_rows > 0:
         cfg = check_launch(launch, vocab, logits.dtype)
@@ -137,4 +138,9 @@ def stats(
                 BLOCK_V=cfg.block_v,
                 num_warps=cfg.num_warps,
             )
-    return CoreStats(out[0], out[1], out[2], out[3], out[4] if with_log_sum_p2 else None)
+    # lse and mean_x in float64 (core.CoreStats): m k in float32 would be off by ulp(1e4) = 1e-3.
+    k = transform_scalars(params).k
+    max_x = out[2].to(torch.float64) * k
+    lse = max_x + out[3].to(torch.float64)
+    mean_x = max_x + out[4].to(torch.float64)
+    return CoreStats(out[0], out[1], lse, mean_x, out[5] if with_log_sum_p2 else None)

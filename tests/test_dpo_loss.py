@@ -1,0 +1,373 @@
+"""DPO family: reference formulas by hand, O(N) algebra vs reference, fused op vs reference, validation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastrl_kernels.backends import available_backends
+from fastrl_kernels.config import DPO_LOSS_TYPES, F_DIVERGENCES, DPOConfig
+from fastrl_kernels.losses import dpo as fast
+from fastrl_kernels.ops.dpo_loss import DPOOutput, dpo_loss, fused_dpo_loss
+from fastrl_kernels.reference import dpo as ref
+from fastrl_kernels.testing import assert_close_to_reference
+
+# ---------------------------------------------------------------------------------------------
+# Reference vs values computed by hand (plain math, one pair at a time).
+
+PC, PR, RC, RR = [-1.0, -4.0], [-3.0, -2.0], [-2.0, -3.5], [-2.5, -2.5]
+BETA, LS, TAU = 0.5, 0.1, 0.05
+
+
+def lsig(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+def sig(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def smoothed(h: float) -> float:
+    return -(1 - LS) * lsig(h) - LS * lsig(-h)
+
+
+def _pairs():
+    """Per pair: u_c, u_r, h for reverse KL."""
+    for pc, pr, rc, rr in zip(PC, PR, RC, RR):
+        u_c, u_r = pc - rc, pr - rr
+        yield u_c, u_r, BETA * (u_c - u_r)
+
+
+def _aot(first: list, second: list) -> list:
+    return [smoothed(BETA * (a - b)) for a, b in zip(sorted(first), sorted(second))]
+
+
+HAND = {
+    "sigmoid": lambda u_c, u_r, h: smoothed(h),
+    "hinge": lambda u_c, u_r, h: max(0.0, 1.0 - h),
+    "ipo": lambda u_c, u_r, h: (u_c - u_r - 1.0 / (2 * BETA)) ** 2,
+    "robust": lambda u_c, u_r, h: (-(1 - LS) * lsig(h) + LS * lsig(-h)) / (1 - 2 * LS),
+    "exo_pair": lambda u_c, u_r, h: sig(h) * (lsig(h) - math.log(1 - LS)) + sig(-h) * (lsig(-h) - math.log(LS)),
+    "nca_pair": lambda u_c, u_r, h: -lsig(BETA * u_c) - 0.5 * lsig(-BETA * u_c) - 0.5 * lsig(-BETA * u_r),
+    "bco_pair": lambda u_c, u_r, h: -lsig(BETA * u_c) - lsig(-BETA * u_r),
+    "sppo_hard": lambda u_c, u_r, h: (u_c - 0.5 / BETA) ** 2 + (u_r + 0.5 / BETA) ** 2,
+    "apo_zero": lambda u_c, u_r, h: 1 - sig(BETA * u_c) + sig(BETA * u_r),
+    "apo_down": lambda u_c, u_r, h: sig(BETA * u_c) + 1 - sig(h),
+    "discopop": lambda u_c, u_r, h: (1 - sig(h / TAU)) * -lsig(h) + sig(h / TAU) * math.exp(-h),
+}
+
+
+def _hand_losses(loss_type: str) -> list:
+    if loss_type == "aot":
+        return _aot([c - r for c, r in zip(PC, PR)], [c - r for c, r in zip(RC, RR)])
+    if loss_type == "aot_unpaired":
+        return _aot([c - r for c, r in zip(PC, RC)], [c - r for c, r in zip(PR, RR)])
+    return [HAND[loss_type](*pair) for pair in _pairs()]
+
+
+def _t(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
+def test_reference_matches_hand_values(loss_type):
+    losses, chosen, rejected = ref.dpo_loss(_t(PC), _t(PR), _t(RC), _t(RR), beta=BETA, loss_type=loss_type,
+                                            label_smoothing=LS, discopop_tau=TAU)
+    torch.testing.assert_close(losses, _t(_hand_losses(loss_type)), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(chosen, BETA * (_t(PC) - _t(RC)))
+    torch.testing.assert_close(rejected, BETA * (_t(PR) - _t(RR)))
+
+
+@pytest.mark.parametrize(
+    "f_divergence, f_alpha, score",
+    [
+        ("forward_kl", 0.5, lambda u: -math.exp(-u)),
+        ("js_divergence", 0.5, lsig),
+        ("js_divergence", 0.5, lambda u: math.log(2 * math.exp(u) / (1 + math.exp(u))) - math.log(2)),
+        # TRL's earlier alpha-divergence (u[l]^-a - u[w]^-a)/a with a = 0.5 equals ours at f_alpha = 0.5.
+        ("alpha_divergence", 0.5, lambda u: -math.exp(-0.5 * u) / 0.5),
+        ("alpha_divergence", 0.3, lambda u: math.exp(-0.7 * u) / -0.7),
+        ("alpha_divergence", 1.0, lambda u: u),
+        ("reverse_kl", 0.5, lambda u: u),
+    ],
+)
+def test_f_divergence_scores_by_hand(f_divergence, f_alpha, score):
+    losses, _, _ = ref.dpo_loss(_t(PC), _t(PR), _t(RC), _t(RR), beta=BETA, f_divergence=f_divergence,
+                                f_alpha=f_alpha)
+    expected = [-lsig(BETA * (score(u_c) - score(u_r))) for u_c, u_r, _ in _pairs()]
+    torch.testing.assert_close(losses, _t(expected), rtol=1e-12, atol=1e-12)
+
+
+def test_label_smoothing_mixes_the_flipped_pair():
+    inputs = [_t(v) for v in (PC, PR, RC, RR)]
+    clean, _, _ = ref.dpo_loss(*inputs, beta=BETA)
+    flipped, _, _ = ref.dpo_loss(inputs[1], inputs[0], inputs[3], inputs[2], beta=BETA)
+    smooth, _, _ = ref.dpo_loss(*inputs, beta=BETA, label_smoothing=0.2)
+    torch.testing.assert_close(smooth, 0.8 * clean + 0.2 * flipped)
+    robust0, _, _ = ref.dpo_loss(*inputs, beta=BETA, loss_type="robust")
+    torch.testing.assert_close(robust0, clean)
+    exo0, _, _ = ref.dpo_loss(*inputs, beta=BETA, loss_type="exo_pair")
+    exo_eps, _, _ = ref.dpo_loss(*inputs, beta=BETA, loss_type="exo_pair", label_smoothing=ref.EXO_DEFAULT_EPS)
+    torch.testing.assert_close(exo0, exo_eps)
+
+
+def test_mixture_is_weighted_sum_and_pair_weights_multiply():
+    inputs = [_t(v) for v in (PC, PR, RC, RR)]
+    a, _, _ = ref.dpo_loss(*inputs, loss_type="sigmoid")
+    b, _, _ = ref.dpo_loss(*inputs, loss_type="bco_pair")
+    mix, _, _ = ref.dpo_loss(*inputs, loss_type=["sigmoid", "bco_pair"], loss_weights=[0.8, 0.2])
+    torch.testing.assert_close(mix, 0.8 * a + 0.2 * b)
+    both, _, _ = ref.dpo_loss(*inputs, loss_type=["sigmoid", "bco_pair"])
+    torch.testing.assert_close(both, a + b)
+    cw, rw = _t([0.5, 2.0]), _t([3.0, 0.25])
+    weighted, _, _ = ref.dpo_loss(*inputs, chosen_weights=cw, rejected_weights=rw)
+    torch.testing.assert_close(weighted, a * cw * rw)
+    out = dpo_loss(*inputs, loss_type=["sigmoid", "bco_pair"], loss_weights=[0.8, 0.2])
+    torch.testing.assert_close(out.loss, mix.mean())
+
+
+def test_ld_token_weights_by_hand():
+    mask = torch.tensor([[1, 1, 0, 1, 0, 0], [0, 1, 1, 1, 1, 1]])
+    weights = ref.ld_token_weights(mask, 0.25)
+    torch.testing.assert_close(weights, _t([[1, 1, 0, 1, 0, 0], [0, 1, 1, 1, 0.25, 0.25]]))
+    logp = -torch.arange(1.0, 13.0, dtype=torch.float64).view(2, 6)
+    torch.testing.assert_close(fast.sequence_logps(logp, mask.double(), ld_alpha=0.25), (logp * weights).sum(1))
+    torch.testing.assert_close(fast.sequence_logps(logp, mask.double(), ld_alpha=1.0),
+                               fast.sequence_logps(logp, mask.double()))
+    avg = fast.sequence_logps(logp, mask.double(), ld_alpha=0.25, average=True)
+    torch.testing.assert_close(avg, (logp * weights).sum(1) / _t([3.0, 5.0]))
+
+
+def test_wpo_weights_by_hand():
+    # p = (1, 2, 3) / 6: sum p^2 = 14/36; targets 2 and 0 -> w = exp(mean(log(p_y / sum p^2))) = sqrt(108)/14.
+    row = torch.log(_t([1.0, 2.0, 3.0]))
+    logits = torch.stack([row, row, row]).unsqueeze(0)
+    targets = torch.tensor([[2, 0, -100]])
+    w = ref.wpo_weights(logits, targets, torch.tensor([[1, 1, 1]]))
+    torch.testing.assert_close(w, _t([math.sqrt(108) / 14]))
+    uniform = torch.zeros(2, 4, 7, dtype=torch.float64)
+    torch.testing.assert_close(ref.wpo_weights(uniform, torch.randint(0, 7, (2, 4))), _t([1.0, 1.0]))
+    empty = ref.wpo_weights(logits, targets, torch.zeros(1, 3, dtype=torch.bool))
+    torch.testing.assert_close(empty, _t([1.0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# O(N) algebra (losses/dpo.py) and dpo_loss op vs the reference.
+
+configs = st.builds(
+    DPOConfig,
+    beta=st.sampled_from([0.01, 0.1, 0.5, 2.0]),
+    loss_type=st.one_of(st.sampled_from(DPO_LOSS_TYPES),
+                        st.lists(st.sampled_from(DPO_LOSS_TYPES), min_size=2, max_size=3).map(tuple)),
+    label_smoothing=st.sampled_from([0.0, 0.1, 0.3]),
+    f_divergence=st.sampled_from(F_DIVERGENCES),
+    f_alpha=st.sampled_from([0.3, 0.5, 1.0, 1.5]),
+    discopop_tau=st.sampled_from([0.05, 0.5]),
+)
+
+
+def _kwargs(cfg: DPOConfig) -> dict:
+    return dict(beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+                f_divergence=cfg.f_divergence, f_alpha=cfg.f_alpha, discopop_tau=cfg.discopop_tau,
+                loss_weights=None if isinstance(cfg.loss_type, str) else [0.7] * len(cfg.loss_types))
+
+
+def _pair_inputs(seed: int, batch: int, dtype: torch.dtype) -> list:
+    g = torch.Generator().manual_seed(seed)
+    ref_c, ref_r = -30 * torch.rand(batch, generator=g), -30 * torch.rand(batch, generator=g)
+    delta = 10 * torch.rand(2, batch, generator=g) - 5
+    return [t.to(dtype) for t in (ref_c + delta[0], ref_r + delta[1], ref_c, ref_r)]
+
+
+@settings(max_examples=40)
+@given(cfg=configs, seed=st.integers(0, 2**16), batch=st.integers(1, 6),
+       dtype=st.sampled_from([torch.float64, torch.float32]), weighted=st.booleans())
+def test_fast_losses_match_reference(cfg, seed, batch, dtype, weighted):
+    kw = _kwargs(cfg)
+    cfg = cfg.with_overrides(loss_weights=kw["loss_weights"])
+    inputs = [t.requires_grad_(True) for t in _pair_inputs(seed, batch, dtype)]
+    weights = [0.5 + torch.rand(batch, dtype=dtype) for _ in range(2)] if weighted else [None, None]
+    losses, chosen, rejected = fast.dpo_pair_losses(*inputs, cfg, *weights)
+    grads = torch.autograd.grad(losses.sum(), inputs)
+    inputs64 = [t.detach().double().requires_grad_(True) for t in inputs]
+    w64 = [None if w is None else w.double() for w in weights]
+    expected, exp_chosen, exp_rejected = ref.dpo_loss(*inputs64, chosen_weights=w64[0],
+                                                      rejected_weights=w64[1], **kw)
+    exp_grads = torch.autograd.grad(expected.sum(), inputs64)
+    assert losses.dtype == torch.promote_types(dtype, torch.float32)
+    assert_close_to_reference(losses, expected, dtype=dtype, name=f"{cfg.loss_type} losses")
+    assert_close_to_reference(chosen, exp_chosen, dtype=dtype, name="chosen_rewards")
+    assert_close_to_reference(rejected, exp_rejected, dtype=dtype, name="rejected_rewards")
+    for name, g, e in zip(("pc", "pr", "rc", "rr"), grads, exp_grads):
+        assert_close_to_reference(g, e, dtype=dtype, kind="grad", name=f"{cfg.loss_type} d/d{name}")
+    out = dpo_loss(*inputs, config=cfg, chosen_weights=weights[0], rejected_weights=weights[1])
+    assert isinstance(out, DPOOutput)
+    assert_close_to_reference(out.loss, expected.mean(), dtype=dtype, name="dpo_loss op")
+    assert_close_to_reference(out.margins, exp_chosen - exp_rejected, dtype=dtype, name="margins")
+    assert out.accuracy == ((exp_chosen > exp_rejected).double().mean()).to(out.accuracy.dtype)
+
+
+# Every loss type once, the f-divergences cycled over them (each type's f-divergence algebra is shared).
+@pytest.mark.parametrize(
+    "loss_type, f_divergence",
+    [(name, F_DIVERGENCES[i % len(F_DIVERGENCES)]) for i, name in enumerate(DPO_LOSS_TYPES)]
+    + [("sigmoid", name) for name in F_DIVERGENCES[1:]],
+)
+def test_reference_gradcheck(loss_type, f_divergence):
+    inputs = [t.requires_grad_(True) for t in _pair_inputs(7, 3, torch.float64)]
+    fn = lambda *x: ref.dpo_loss(*x, beta=0.3, loss_type=loss_type, label_smoothing=0.1,
+                                 f_divergence=f_divergence, f_alpha=0.4)[0]
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_dpo_loss_empty_batch_and_compile():
+    empty = [torch.zeros(0) for _ in range(4)]
+    out = dpo_loss(*empty)
+    assert out.loss.item() == 0.0 and out.accuracy.item() == 0.0
+    cfg = DPOConfig(loss_type=("sigmoid", "aot", "discopop"), f_divergence="js_divergence")
+    inputs = _pair_inputs(3, 4, torch.float32)
+    compiled = torch.compile(lambda *x: fast.dpo_pair_losses(*x, cfg)[0], backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(*inputs), fast.dpo_pair_losses(*inputs, cfg)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# fused_dpo_loss vs reference.sequence_logprobs + reference.dpo_loss.
+
+BACKENDS = ["torch", "reference", "native", "triton"]
+
+
+def _need_backend(backend: str) -> None:
+    # torch and reference always run; asking available_backends may build the native extension.
+    if backend in ("native", "triton") and backend not in available_backends("cpu"):
+        pytest.skip(f"backend {backend!r} is not available in this process (available_backends lists it not)")
+
+
+def _fused_case(seed: int, batch: int, steps: int, vocab: int, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(seed)
+    logits = (4 * torch.randn(2 * batch, steps, vocab, generator=g)).to(dtype)
+    targets = torch.randint(0, vocab, (2 * batch, steps), generator=g)
+    targets[0, -1] = -100
+    mask = torch.rand(2 * batch, steps, generator=g) > 0.3
+    mask[batch] = False  # the first rejected response is empty
+    ref_c, ref_r = -steps * torch.rand(batch, generator=g), -steps * torch.rand(batch, generator=g)
+    return logits, targets, mask, ref_c, ref_r
+
+
+def _expected(logits, targets, mask, ref_c, ref_r, cfg: DPOConfig, temperature: float = 1.0):
+    x = logits.detach().double().requires_grad_(True)
+    seq = ref.sequence_logprobs(x, targets, mask, average=cfg.average_logps, ld_alpha=cfg.ld_alpha,
+                                temperature=temperature)
+    b = seq.shape[0] // 2
+    weights = ref.wpo_weights(x, targets, mask, temperature=temperature) if cfg.use_weighting else None
+    kw = _kwargs(cfg) | {"loss_weights": cfg.loss_weights}
+    losses, chosen, rejected = ref.dpo_loss(
+        seq[:b], seq[b:], ref_c, ref_r, chosen_weights=None if weights is None else weights[:b],
+        rejected_weights=None if weights is None else weights[b:], **kw)
+    loss = losses.mean()
+    loss.backward()
+    return loss, chosen, rejected, x.grad
+
+
+def _check_fused(backend, dtype, cfg, case, temperature=1.0, inplace=False):
+    logits, targets, mask, ref_c, ref_r = case
+    loss, chosen, rejected, grad = _expected(logits, targets, mask, ref_c, ref_r, cfg, temperature)
+    x = logits.clone().requires_grad_(True)
+    out = fused_dpo_loss(x, targets, mask, ref_c, ref_r, config=cfg, backend=backend, temperature=temperature,
+                         inplace_grad=inplace)
+    out.loss.backward()
+    name = f"{backend} {cfg.loss_type}"
+    assert out.loss.dtype == torch.float32
+    assert_close_to_reference(out.loss, loss, dtype=dtype, name=f"{name} loss")
+    assert_close_to_reference(out.chosen_rewards, chosen, dtype=dtype, name=f"{name} chosen_rewards")
+    assert_close_to_reference(out.rejected_rewards, rejected, dtype=dtype, name=f"{name} rejected_rewards")
+    assert_close_to_reference(out.margins, chosen - rejected, dtype=dtype, name=f"{name} margins")
+    assert out.accuracy.item() == pytest.approx((chosen > rejected).double().mean().item())
+    assert x.grad.dtype == dtype
+    assert_close_to_reference(x.grad, grad, dtype=dtype, kind="grad", name=f"{name} d/dlogits")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["torch", "reference", "native"])
+@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
+def test_fused_matches_reference_every_loss_type(loss_type, backend, dtype):
+    _need_backend(backend)
+    cfg = DPOConfig(beta=0.2, loss_type=loss_type, label_smoothing=0.1,
+                    average_logps=loss_type == "ipo")
+    _check_fused(backend, dtype, cfg, _fused_case(11, 3, 5, 37, dtype))
+
+
+@settings(max_examples=20)
+@given(cfg=configs, seed=st.integers(0, 2**16), batch=st.integers(1, 3), steps=st.integers(1, 6),
+       vocab=st.integers(2, 60), average=st.booleans(), ld_alpha=st.sampled_from([None, 0.0, 0.5]),
+       weighting=st.booleans(), temperature=st.sampled_from([1.0, 0.7]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_fused_options_match_reference(cfg, seed, batch, steps, vocab, average, ld_alpha, weighting,
+                                       temperature, dtype):
+    cfg = cfg.with_overrides(average_logps=average, ld_alpha=ld_alpha, use_weighting=weighting)
+    _check_fused("torch", dtype, cfg, _fused_case(seed, batch, steps, vocab, dtype), temperature)
+
+
+def test_fused_inplace_grad_matches_reference():
+    cfg = DPOConfig(loss_type=("sigmoid", "apo_zero"), use_weighting=True, ld_alpha=0.5)
+    _check_fused("torch", torch.float32, cfg, _fused_case(5, 2, 4, 29, torch.float32), inplace=True)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "discopop"])
+def test_fused_triton_matches_reference(loss_type):
+    _need_backend("triton")
+    cfg = DPOConfig(loss_type=loss_type, use_weighting=loss_type == "discopop", average_logps=loss_type == "ipo")
+    _check_fused("triton", torch.float32, cfg, _fused_case(2, 2, 4, 70, torch.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs name the argument, what was expected and what was given.
+
+def _raises(exc, pattern, fn, *args, **kwargs):
+    with pytest.raises(exc, match=pattern):
+        fn(*args, **kwargs)
+
+
+def test_dpo_loss_bad_inputs():
+    ok = [torch.zeros(3) for _ in range(4)]
+    _raises(ValueError, r"ref_rejected_logps: expected shape \(3,\).*got \(4,\)", dpo_loss, *ok[:3],
+            torch.zeros(4))
+    _raises(ValueError, r"policy_chosen_logps: expected shape \[B\].*got \(3, 1\)", dpo_loss,
+            torch.zeros(3, 1), *ok[1:])
+    _raises(TypeError, r"policy_rejected_logps: expected dtype.*got torch.int64", dpo_loss, ok[0],
+            torch.zeros(3, dtype=torch.long), *ok[2:])
+    _raises(ValueError, "chosen_weights / rejected_weights", dpo_loss, *ok, chosen_weights=torch.ones(3))
+    _raises(ValueError, "use_weighting=True", dpo_loss, *ok, use_weighting=True)
+    _raises(ValueError, r"loss_type: expected one of .* got 'kto'", dpo_loss, *ok, loss_type="kto")
+    _raises(ValueError, r"loss_weights: expected 2 weight", dpo_loss, *ok, loss_type=["ipo", "hinge"],
+            loss_weights=[1.0])
+    _raises(ValueError, r"beta: expected a number > 0, got 0", dpo_loss, *ok, beta=0)
+    _raises(ValueError, r"label_smoothing: expected a number in \[0, 0.5\), got 0.5", dpo_loss, *ok,
+            label_smoothing=0.5)
+    _raises(ValueError, r"f_divergence: expected one of", dpo_loss, *ok, f_divergence="kl")
+    _raises(ValueError, r"ld_alpha: expected None or a number in \[0, 1\], got 2", DPOConfig, ld_alpha=2)
+    _raises(TypeError, r"unknown option\(s\) \['betta'\]", dpo_loss, *ok, betta=0.1)
+
+
+def test_fused_dpo_loss_bad_inputs():
+    logits, targets, mask, ref_c, ref_r = _fused_case(0, 2, 3, 5, torch.float32)
+    _raises(ValueError, r"logits: expected shape \[2B, T, V\].*got \(3, 3, 5\)", fused_dpo_loss, logits[:3],
+            targets[:3], mask[:3], ref_c, ref_r)
+    _raises(ValueError, r"logits: expected shape \[2B, T, V\].*got \(12, 5\)", fused_dpo_loss,
+            logits.reshape(12, 5), targets.reshape(12), None, ref_c, ref_r)
+    _raises(ValueError, r"mask: expected shape \(4, 3\).*got \(4, 2\)", fused_dpo_loss, logits, targets,
+            mask[:, :2], ref_c, ref_r)
+    _raises(ValueError, r"ref_chosen_logps: expected shape \(2,\).*got \(4,\)", fused_dpo_loss, logits,
+            targets, mask, torch.zeros(4), ref_r)
+    _raises(TypeError, r"ref_rejected_logps: expected dtype", fused_dpo_loss, logits, targets, mask, ref_c,
+            torch.zeros(2, dtype=torch.long))
+    _raises(ValueError, r"targets: expected values in \[0, 5\)", fused_dpo_loss, logits, targets + 5, mask,
+            ref_c, ref_r)
+    _raises(ValueError, r"backend: expected one of", fused_dpo_loss, logits, targets, mask, ref_c, ref_r,
+            backend="cuda")
+    _raises(ValueError, r"temperature: expected a number > 0", fused_dpo_loss, logits, targets, mask, ref_c,
+            ref_r, temperature=0.0)
