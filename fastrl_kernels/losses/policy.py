@@ -55,6 +55,63 @@ def per_token_policy_loss(
     raise ValueError(f"loss_type: unknown policy loss {cfg.loss_type!r}")
 
 
+def _token_loss(logp, ratio, adv, ref_logprobs, is_weights, cfg: PolicyLossConfig):
+    """Policy term (times is_weights) plus kl_coef * KL per token, and the KL itself (None without ref)."""
+    token_loss = per_token_policy_loss(logp, ratio, adv, cfg)
+    if is_weights is not None:
+        token_loss = token_loss * is_weights.to(logp.dtype).detach()
+    kl = None
+    if ref_logprobs is not None:
+        kl = kl_penalty(logp, ref_logprobs.to(logp.dtype), cfg.kl_estimator, cfg.kl_clamp)
+        if cfg.kl_coef != 0.0:
+            token_loss = token_loss + cfg.kl_coef * kl
+    return token_loss, kl
+
+
+def _bonus_entropy(logp: torch.Tensor, entropy: Optional[torch.Tensor], cfg: PolicyLossConfig) -> torch.Tensor:
+    return -logp if cfg.entropy_mode == "sampled" or entropy is None else entropy
+
+
+# Loss types whose ratio is per token: the loss is then a sum of per-token terms with weights that
+# depend on the mask only, so chunks of tokens can be differentiated independently.
+SEPARABLE_POLICY_LOSS_TYPES = ("clip", "cispo", "sapo")
+
+
+def separable_policy_terms(
+    logp: torch.Tensor,
+    entropy: Optional[torch.Tensor],
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    ref_logprobs: Optional[torch.Tensor],
+    is_weights: Optional[torch.Tensor],
+    weights: torch.Tensor,
+    entropy_weights: Optional[torch.Tensor],
+    config: PolicyLossConfig,
+) -> torch.Tensor:
+    """Per-token terms c_t whose sum is the loss of ``policy_loss_from_logprobs``, for separable loss types.
+
+    All tensors share one shape (any; typically a chunk of flattened tokens; advantages already
+    broadcast per token). ``weights = aggregation_weights(mask, loss_agg, normalizer)`` and
+    ``entropy_weights`` the same for ``resolved_entropy_agg`` (needed when entropy_coef != 0):
+    c_t = w_t (l_t * is_w_t + kl_coef kl_t) - entropy_coef w'_t H_t. Since w depends on the mask only,
+    dc_t / dlogp_t is the exact per-token coefficient of the whole loss (SPEC section 6b, lm_head path).
+    """
+    cfg = config
+    if cfg.loss_type not in SEPARABLE_POLICY_LOSS_TYPES:
+        raise ValueError(
+            f"loss_type: separable terms exist for {SEPARABLE_POLICY_LOSS_TYPES} only, got {cfg.loss_type!r}"
+        )
+    adv = advantages.to(logp.dtype)
+    ratio = torch.exp(logp - old_logprobs.to(logp.dtype))
+    token_loss, _ = _token_loss(logp, ratio, adv, ref_logprobs, is_weights, cfg)
+    terms = token_loss * weights
+    if cfg.entropy_coef != 0.0:
+        if entropy_weights is None:
+            raise ValueError("entropy_weights: required when entropy_coef != 0, got None")
+        terms = terms - cfg.entropy_coef * (_bonus_entropy(logp, entropy, cfg) * entropy_weights)
+    return terms
+
+
 def policy_loss_from_logprobs(
     logp: torch.Tensor,
     entropy: Optional[torch.Tensor],
@@ -76,19 +133,9 @@ def policy_loss_from_logprobs(
         raise ValueError("ref_logprobs: required when kl_coef != 0 (got None)")
     adv = advantages.to(logp.dtype)
     ratio = _ratio(logp, old_logprobs.to(logp.dtype), mask, cfg.loss_type)
-    token_loss = per_token_policy_loss(logp, ratio, adv, cfg)
-    if is_weights is not None:
-        token_loss = token_loss * is_weights.to(logp.dtype).detach()
-    kl = None
-    if ref_logprobs is not None:
-        kl = kl_penalty(logp, ref_logprobs.to(logp.dtype), cfg.kl_estimator, cfg.kl_clamp)
-        if cfg.kl_coef != 0.0:
-            token_loss = token_loss + cfg.kl_coef * kl
+    token_loss, kl = _token_loss(logp, ratio, adv, ref_logprobs, is_weights, cfg)
     loss = aggregate(token_loss, mask, cfg.loss_agg, normalizer)
-    if cfg.entropy_mode == "sampled" or entropy is None:
-        bonus_entropy = -logp
-    else:
-        bonus_entropy = entropy
+    bonus_entropy = _bonus_entropy(logp, entropy, cfg)
     if cfg.entropy_coef != 0.0:
         loss = loss - cfg.entropy_coef * aggregate(bonus_entropy, mask, cfg.resolved_entropy_agg, normalizer)
     return loss, _metrics(ratio.detach(), adv, mask, kl, bonus_entropy.detach(), cfg)

@@ -104,7 +104,8 @@ def stats(
 
     logits: ``[N, V]`` float32/bfloat16/float16, unit stride in the last dim, any row stride.
     targets: ``[N]`` int64 in [0, V) or ``params.ignore_index``.
-    Returns ``CoreStats`` of ``[N]`` tensors (lse and mean_x float64, the rest float32): logp = log softmax(x)[y], entropy of
+    Returns ``CoreStats`` of ``[N]`` tensors (lse and mean_x float64, the rest float32):
+    logp = log softmax(x)[y], entropy of
     softmax(x), lse = logsumexp(x), mean_x = E_p[x], and log_sum_p2 = log sum_j p_j^2 when
     ``with_log_sum_p2``; x = transform(z) as in ``CoreParams``. Rows whose target is
     ``ignore_index`` get logp = entropy = 0; their lse, mean_x, log_sum_p2 are still the row's
