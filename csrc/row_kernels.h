@@ -1,0 +1,238 @@
+// The two primitives for one row of logits z[0..V): statistics (pass 1) and the gradient (pass 2).
+//
+// Transform: x = k * v(z) with v(z) = z, k = logit_scale / temperature (no softcap), or
+// v(z) = tanh(logit_scale * z / c), k = c / temperature (softcap c). Both are increasing in z, so the
+// row maximum of x is k * v(max z): the max sweep reads raw z and never evaluates tanh.
+//
+// Frame. Sums are taken on d = x - k vmax, vmax = v(running max of z):
+//   s = sum e^d,  t = sum e^d d,  (q = sum e^{2d}),
+//   lse = k vmax + log s, mean_x = E_p[x] = k vmax + t/s, entropy H = log s - t/s,
+//   logp = d_y - log s, log sum p^2 = log q - 2 log s.
+// d = (v - vmax) k: v - vmax is exact for every element that matters (Sterbenz), so d has one
+// rounding even at |z| = 1e4, where a rounded x = k z would be off by ~5e-4. When the running max
+// grows, the sums move to the new frame: delta = (vmax - vmax') k <= 0, s' = e^delta s,
+// t' = e^delta (t + s delta), q' = e^{2 delta} q. k is used rounded to float in d (a relative 6e-8
+// change of scale) and in double for the frame term k vmax of lse and mean_x.
+//
+// Gradient (p = e^{x - lse}, x - E = x - mean_x):
+//   dL/dx_j = g_lp (1[j=y] - p_j) - g_H p_j (x_j - E)
+//   dL/dz_j = dL/dx_j * dx/dz,  dx/dz = logit_scale / temperature * (1 - tanh^2) (softcap) or
+//   logit_scale / temperature.
+// pass 2 uses the stored fp32 lse and mean_x when both are small (|.| <= threshold): their rounding
+// then perturbs p by < threshold * 2^-24 relative. Larger values (|z| ~ 1e4 would give p errors ~5e-4)
+// make pass 2 recompute the row's sums first, exactly as pass 1 does.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "simd.h"
+
+namespace fastrl {
+
+struct Transform {
+  float k_hi = 1.0f;  // k rounded to float; d below is formed with it
+  double k = 1.0;     // k = logit_scale / temperature, or c / temperature under softcap
+  float softcap_in = 0.0f;  // logit_scale / c
+  float dxdz = 1.0f;        // logit_scale / temperature
+};
+
+// Sums of one row on the frame vmax = v(max z): d = (v - vmax) k, which is exact up to one rounding
+// (v - vmax is exact for the elements that matter), so it keeps full precision at |z| = 1e4.
+struct RowSums {
+  float vmax = 0.0f;
+  double s = 0.0;
+  double t = 0.0;
+  double q = 0.0;
+};
+
+constexpr int64_t kBlock = 2048;  // elements per block: read twice (max, then exp) from L1
+// Logits below this are treated as -inf: keeps d finite, so e^d d = 0 instead of 0 * -inf = NaN.
+constexpr float kLowClamp = -1e30f;
+
+template <class S, bool SOFTCAP>
+inline typename S::V transform_v(typename S::V z, const Transform& tr) {
+  if constexpr (SOFTCAP) {
+    return fast_tanh<S>(S::mul(z, S::set1(tr.softcap_in)));
+  } else {
+    return z;
+  }
+}
+
+template <class S, bool SOFTCAP>
+inline typename S::V clamped_v(typename S::V z, const Transform& tr) {
+  return transform_v<S, SOFTCAP>(S::max(S::set1(kLowClamp), z), tr);  // operand order keeps NaN
+}
+
+template <class S, bool SOFTCAP>
+inline float scalar_v(float z, const Transform& tr) {
+  return S::lane0(clamped_v<S, SOFTCAP>(S::set1(z), tr));  // bit-identical to the same element in a sweep
+}
+
+template <class S, bool SOFTCAP, bool WITH_Q, class T>
+RowSums row_sums(const T* z, int64_t V_, const Transform& tr) {
+  using V = typename S::V;
+  constexpr int W = S::W;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const V zero = S::set1(0.0f);
+  const V k = S::set1(tr.k_hi);
+  float zmax = neg_inf;
+  float vmax = 0.0f;
+  V s = zero, t = zero, q = zero;
+  for (int64_t b0 = 0; b0 < V_; b0 += kBlock) {
+    const int64_t b1 = std::min(V_, b0 + kBlock);
+    const int64_t full = b0 + (b1 - b0) / W * W;
+    V mx = S::set1(neg_inf);
+    for (int64_t j = b0; j < full; j += W) mx = S::max(mx, S::load(z + j));
+    if (full < b1) mx = S::max(mx, S::load_partial(z + full, b1 - full, neg_inf));
+    const float block_max = S::hmax(mx);
+    if (block_max > zmax) {
+      const float new_vmax = scalar_v<S, SOFTCAP>(block_max, tr);
+      if (zmax != neg_inf) {
+        // Move the sums to the new frame: delta = old - new frame (<= 0).
+        const V delta = S::mul(S::set1(vmax - new_vmax), k);
+        const V e = fast_exp_upto88<S>(delta);
+        t = S::mul(e, S::fma(s, delta, t));
+        s = S::mul(e, s);
+        if constexpr (WITH_Q) q = S::mul(S::mul(e, e), q);
+      }
+      zmax = block_max;
+      vmax = new_vmax;
+    }
+    if (zmax == neg_inf) continue;  // all -inf so far: nothing to add, no frame yet
+    const V vm = S::set1(vmax);
+    // Four independent accumulator sets keep several exp chains in flight.
+    V sa[4] = {zero, zero, zero, zero}, ta[4] = {zero, zero, zero, zero}, qa[4] = {zero, zero, zero, zero};
+    auto accumulate = [&](V zv, int i) {
+      const V d = S::mul(S::sub(clamped_v<S, SOFTCAP>(zv, tr), vm), k);
+      const V e = fast_exp_upto88<S>(d);
+      sa[i] = S::add(sa[i], e);
+      ta[i] = S::fma(e, d, ta[i]);
+      if constexpr (WITH_Q) qa[i] = S::fma(e, e, qa[i]);
+    };
+    int64_t j = b0;
+    for (; j + 4 * W <= full; j += 4 * W) {
+      accumulate(S::load(z + j), 0);
+      accumulate(S::load(z + j + W), 1);
+      accumulate(S::load(z + j + 2 * W), 2);
+      accumulate(S::load(z + j + 3 * W), 3);
+    }
+    for (; j < full; j += W) accumulate(S::load(z + j), 0);
+    if (full < b1) {
+      const V d = S::mul(S::sub(clamped_v<S, SOFTCAP>(S::load_partial(z + full, b1 - full, 0.0f), tr), vm), k);
+      const V e = S::keep(S::first_lanes(b1 - full), fast_exp_upto88<S>(d));
+      sa[1] = S::add(sa[1], e);
+      ta[1] = S::fma(e, d, ta[1]);
+      if constexpr (WITH_Q) qa[1] = S::fma(e, e, qa[1]);
+    }
+    // Per-block partial sums, then one add into the row totals: shorter fp32 summation chains.
+    s = S::add(s, S::add(S::add(sa[0], sa[1]), S::add(sa[2], sa[3])));
+    t = S::add(t, S::add(S::add(ta[0], ta[1]), S::add(ta[2], ta[3])));
+    if constexpr (WITH_Q) q = S::add(q, S::add(S::add(qa[0], qa[1]), S::add(qa[2], qa[3])));
+  }
+  RowSums out;
+  out.vmax = vmax;
+  out.s = S::hsum(s);
+  out.t = S::hsum(t);
+  if constexpr (WITH_Q) out.q = S::hsum(q);
+  return out;
+}
+
+struct RowStatsOut {
+  float logp, entropy, lse, mean_x, log_sum_p2;
+};
+
+template <class S, bool SOFTCAP, bool WITH_Q, class T>
+RowStatsOut row_stats(const T* z, int64_t V_, int64_t y, const Transform& tr) {
+  const RowSums r = row_sums<S, SOFTCAP, WITH_Q>(z, V_, tr);
+  const double log_s = std::log(r.s);
+  const double mean_d = r.t / r.s;
+  const double frame = tr.k * static_cast<double>(r.vmax);
+  const float v_y = scalar_v<S, SOFTCAP>(static_cast<float>(z[y]), tr);
+  const double d_y = static_cast<float>((v_y - r.vmax) * tr.k_hi);  // as in the sweep
+  RowStatsOut o;
+  o.logp = static_cast<float>(d_y - log_s);
+  o.entropy = static_cast<float>(log_s - mean_d);
+  o.lse = static_cast<float>(frame + log_s);
+  o.mean_x = static_cast<float>(frame + mean_d);
+  o.log_sum_p2 = WITH_Q ? static_cast<float>(std::log(r.q) - 2.0 * log_s) : 0.0f;
+  return o;
+}
+
+// Writes dL/dz for one row into o (which may be z itself), given the row's p and E through
+//   p_j = e^{d_j - a},  x_j - E = d_j - b,
+// with d_j = (v_j - frame) k (FRAME_IN_V: frame = vmax of row_sums) or d_j = k v_j - frame (frame = lse).
+template <class S, bool SOFTCAP, bool FRAME_IN_V, class T>
+void row_grad_sweep(const T* z, T* o, int64_t V_, int64_t y, float frame, float a, float b, float g_lp,
+                    float g_h, const Transform& tr) {
+  using V = typename S::V;
+  constexpr int W = S::W;
+  const V k = S::set1(tr.k_hi);
+  const V fr = S::set1(FRAME_IN_V ? frame : -frame);
+  const V av = S::set1(a), bv = S::set1(b);
+  // dL/dz_j = [g_lp 1[j=y] - p_j (g_lp + g_H (x_j - E))] dx/dz: the constant part of dx/dz and the
+  // sign are folded into the two coefficients.
+  const V glp = S::set1(-g_lp * tr.dxdz), gh = S::set1(-g_h * tr.dxdz);
+  const V one = S::set1(1.0f);
+  const float z_y = static_cast<float>(z[y]);  // read before the sweep: o may alias z
+  // Returns -p (g_lp + g_H (x - E)) dx/dz; `softcap_factor` = 1 - tanh^2 (1 without softcap).
+  auto grad_of = [&](V zv, V& softcap_factor) {
+    const V vv = clamped_v<S, SOFTCAP>(zv, tr);
+    const V d = FRAME_IN_V ? S::mul(S::sub(vv, fr), k) : S::fma(k, vv, fr);
+    const V p = fast_exp_upto88<S>(S::sub(d, av));
+    const V g = S::mul(p, S::fma(gh, S::sub(d, bv), glp));
+    if constexpr (SOFTCAP) {
+      softcap_factor = S::fma(S::sub(S::set1(0.0f), vv), vv, one);
+      return S::mul(g, softcap_factor);
+    } else {
+      softcap_factor = one;
+      return g;
+    }
+  };
+  V factor;
+  const int64_t full = V_ / W * W;
+  int64_t j = 0;
+  for (; j + 2 * W <= full; j += 2 * W) {
+    V f2;
+    const V g0 = grad_of(S::load(z + j), factor);
+    const V g1 = grad_of(S::load(z + j + W), f2);
+    S::store(o + j, g0);
+    S::store(o + j + W, g1);
+  }
+  for (; j < full; j += W) S::store(o + j, grad_of(S::load(z + j), factor));
+  if (full < V_) S::store_partial(o + full, grad_of(S::load_partial(z + full, V_ - full, 0.0f), factor), V_ - full);
+  const float g_y = S::lane0(grad_of(S::set1(z_y), factor));
+  o[y] = static_cast<T>(g_lp * tr.dxdz * S::lane0(factor) + g_y);
+}
+
+template <class T>
+void row_store_zero(T* o, int64_t V_) {
+  std::fill(o, o + V_, static_cast<T>(0.0f));
+}
+
+// Largest |lse|, |mean_x| for which pass 2 trusts the stored fp32 values (see the header note): the
+// induced relative error in p is about threshold * 2^-24 (~2e-6 for fp32 outputs); 16-bit outputs round
+// at 2^-9 anyway, so they accept a larger range before paying for the recomputation.
+template <class T>
+constexpr float trusted_stats_bound() {
+  return std::is_same<T, float>::value ? 32.0f : 1024.0f;
+}
+
+template <class S, bool SOFTCAP, class T>
+void row_grad(const T* z, T* o, int64_t V_, int64_t y, float lse, float mean_x, float g_lp, float g_h,
+              const Transform& tr) {
+  constexpr float bound = trusted_stats_bound<T>();
+  if (std::fabs(lse) <= bound && std::fabs(mean_x) <= bound) {
+    const float b = static_cast<float>(static_cast<double>(mean_x) - static_cast<double>(lse));
+    row_grad_sweep<S, SOFTCAP, false>(z, o, V_, y, lse, 0.0f, b, g_lp, g_h, tr);
+  } else {
+    const RowSums r = row_sums<S, SOFTCAP, false>(z, V_, tr);
+    row_grad_sweep<S, SOFTCAP, true>(z, o, V_, y, r.vmax, static_cast<float>(std::log(r.s)),
+                                     static_cast<float>(r.t / r.s), g_lp, g_h, tr);
+  }
+}
+
+}  // namespace fastrl

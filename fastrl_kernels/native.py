@@ -1,0 +1,225 @@
+"""Native C++ CPU backend of the two primitives of ``core.py`` (SPEC sections 6b, 7).
+
+The C++ sources (``csrc/`` at the repository root, or ``fastrl_kernels/csrc/`` in an installed
+package) are compiled on first use with ``torch.utils.cpp_extension.load`` (ninja) and cached in
+torch's extensions directory; nothing happens at import. ``python -m fastrl_kernels.native build``
+prebuilds and prints where the build lives.
+
+Rows run in parallel (OpenMP through ``at::parallel_for``, so ``torch.set_num_threads`` applies);
+one row is one task, so results do not depend on the thread count. Inner loops use AVX2/FMA/F16C when
+the CPU has them (that build is cached under its own name), else portable scalar code. Set
+``FASTRL_NATIVE_ISA=generic`` to force the portable build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sys
+import threading
+from pathlib import Path
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+from .core import CoreParams, CoreStats
+
+_SOURCES = ("native.cpp",)
+_HEADERS = ("row_kernels.h", "simd.h")
+_AVX2_FLAGS = ("avx2", "fma", "f16c")
+
+_lock = threading.Lock()
+_module: Optional[ModuleType] = None
+_error: Optional[str] = None
+
+
+def source_dir() -> Optional[Path]:
+    """The directory holding the C++ sources: inside the package when shipped, else the repo's csrc/."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "csrc", here.parent / "csrc"):
+        if all((candidate / name).is_file() for name in _SOURCES + _HEADERS):
+            return candidate
+    return None
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def isa() -> str:
+    """"avx2" when this CPU has AVX2, FMA and F16C (x86-64 Linux), else "generic"; env FASTRL_NATIVE_ISA overrides."""
+    forced = os.environ.get("FASTRL_NATIVE_ISA", "").strip().lower()
+    if forced in ("avx2", "generic"):
+        return forced
+    return "avx2" if set(_AVX2_FLAGS) <= _cpu_flags() else "generic"
+
+
+def build_directory() -> Path:
+    """Where the extension is built: torch's extensions root, one folder per Python, torch and ISA.
+
+    The ISA is part of the name because an AVX2 build must never be loaded on a CPU without AVX2
+    (the root may be shared between machines); torch's version too, as the binary links against it.
+    """
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if not root:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        root = get_default_build_root()
+    torch_tag = re.sub(r"[^0-9A-Za-z]+", "_", torch.__version__)
+    py_tag = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return Path(root) / f"fastrl_native_{py_tag}_torch{torch_tag}_{isa()}"
+
+
+def _build(verbose: bool = False) -> ModuleType:
+    from torch.utils.cpp_extension import load as load_extension
+
+    src = source_dir()
+    if src is None:
+        raise RuntimeError("fastrl_kernels.native: C++ sources not found (looked for csrc/ next to the package)")
+    target_isa = isa()
+    # torch's rebuild check hashes the .cpp sources and the flags, not the headers: a digest of every
+    # source file among the flags makes any edit rebuild.
+    digest = hashlib.sha256(b"".join((src / name).read_bytes() for name in _SOURCES + _HEADERS)).hexdigest()
+    cflags = ["-O3", "-fopenmp", f"-DFASTRL_NATIVE_SOURCES={digest[:16]}"]
+    if target_isa == "avx2":
+        cflags += ["-mavx2", "-mfma", "-mf16c"]
+    directory = build_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    return load_extension(
+        name=f"fastrl_native_{target_isa}",
+        sources=[str(src / name) for name in _SOURCES],
+        extra_include_paths=[str(src)],
+        extra_cflags=cflags,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(directory),
+        verbose=verbose,
+    )
+
+
+def load(verbose: bool = False) -> ModuleType:
+    """The compiled extension module, building it on first call (cached per process and on disk).
+
+    Raises RuntimeError carrying the compiler's message when it cannot be built; a failure is
+    remembered, so later calls raise at once. Safe to call from several threads (a lock) and
+    processes (torch's file lock on the build directory).
+    """
+    global _module, _error
+    with _lock:
+        if _module is not None:
+            return _module
+        if _error is not None:
+            raise RuntimeError(_error)
+        try:
+            _module = _build(verbose=verbose)
+        except Exception as error:  # a compiler error, missing ninja or compiler, a bad cache...
+            _error = f"fastrl_kernels.native: the C++ extension could not be built: {error}"
+            raise RuntimeError(_error) from error
+        return _module
+
+
+def is_available() -> bool:
+    """True when the extension is (or can now be) built and loaded; never raises."""
+    try:
+        load()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _softcap_arg(params: CoreParams) -> float:
+    # The extension takes 0 for "no softcap"; a softcap must be > 0.
+    if params.softcap is None:
+        return 0.0
+    if not params.softcap > 0:
+        raise ValueError(f"softcap: expected a number > 0 or None, got {params.softcap!r}")
+    return float(params.softcap)
+
+
+def _rows_f32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32).contiguous()
+
+
+def stats(
+    logits: torch.Tensor, targets: torch.Tensor, params: CoreParams, with_log_sum_p2: bool = False
+) -> CoreStats:
+    """Pass 1 over CPU logits ``[N, V]`` (float32 / bfloat16 / float16, stride(-1) == 1, any row stride).
+
+    targets int64 ``[N]`` in [0, V) or ``params.ignore_index``. With x the transformed row (see
+    ``CoreParams``), m = max x, s = sum e^{x-m}, t = sum e^{x-m}(x-m) (fp32 accumulation, shifted):
+    logp = (x_y - m) - log s, entropy = log s - t/s, lse = m + log s, mean_x = m + t/s and, if asked,
+    log_sum_p2 = log sum p^2. All float32 ``[N]``. Rows with target == ignore_index give logp =
+    entropy = 0 and are not read: their lse, mean_x, log_sum_p2 are 0 (pass 2 ignores them too).
+    """
+    module = load()
+    out = module.stats(
+        logits,
+        targets.contiguous(),
+        float(params.temperature),
+        float(params.logit_scale),
+        _softcap_arg(params),
+        int(params.ignore_index),
+        bool(with_log_sum_p2),
+    )
+    return CoreStats(*out[:4], out[4] if with_log_sum_p2 else None)
+
+
+def grad(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    stats: CoreStats,
+    g_lp: torch.Tensor,
+    g_entropy: torch.Tensor,
+    params: CoreParams,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Pass 2: dL/dlogits for per-row coefficients g_lp = dL/dlogp, g_entropy = dL/dentropy.
+
+    p = e^{x - lse}; dL/dx_j = g_lp (1[j=y] - p_j) - g_entropy p_j (x_j - mean_x); dL/dz = dL/dx dx/dz
+    with dx/dz = logit_scale / temperature (times 1 - tanh^2 under softcap). Uses ``stats.lse`` and
+    ``stats.mean_x`` (float32 ``[N]``; recomputed per row when |lse| or |mean_x| is too large for
+    their fp32 rounding to keep p accurate). ``out``: None -> a new contiguous tensor of the logits'
+    shape and dtype; else a tensor of that shape and dtype with stride(-1) == 1, possibly ``logits``
+    itself (in-place). Rows with target == ignore_index get a zero row. Returns ``out``.
+    """
+    module = load()
+    if out is None:
+        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    return module.grad(
+        logits,
+        targets.contiguous(),
+        _rows_f32(stats.lse),
+        _rows_f32(stats.mean_x),
+        _rows_f32(g_lp),
+        _rows_f32(g_entropy),
+        out,
+        float(params.temperature),
+        float(params.logit_scale),
+        _softcap_arg(params),
+        int(params.ignore_index),
+    )
+
+
+def _main(argv: list) -> int:
+    if argv[:1] != ["build"]:
+        print("usage: python -m fastrl_kernels.native build", file=sys.stderr)
+        return 2
+    try:
+        module = load(verbose="-v" in argv or "--verbose" in argv)
+    except RuntimeError as error:
+        print(error, file=sys.stderr)
+        return 1
+    print(f"fastrl_kernels.native: built ({module.isa}) in {build_directory()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -1,0 +1,142 @@
+"""The trainer's loss calls: the package's fused ops (``--kernel fused``) or ``naive`` plain PyTorch.
+
+Both sides take the same arguments, so a run with either kernel follows the same code path and the
+same random draws; only the loss computation (and its memory) differs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import weakref
+from typing import Optional
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from ..config import PolicyLossConfig
+from . import naive
+
+KERNELS = ("fused", "naive")
+
+
+def package_api():
+    """``fastrl_kernels`` itself, checked for the ops the trainer calls (imported lazily)."""
+    fk = importlib.import_module("fastrl_kernels")
+    missing = [
+        n
+        for n in ("token_logprobs", "policy_loss", "group_advantages", "gae", "value_loss", "fused_dpo_loss")
+        if not hasattr(fk, n)
+    ]
+    if missing:
+        raise RuntimeError(f"--kernel fused needs fastrl_kernels.{missing} (not available in this install)")
+    return fk
+
+
+class LossKernels:
+    """``kind="fused"`` calls ``fk.<op>(..., backend=backend)``; ``kind="naive"`` calls ``trainer.naive``."""
+
+    def __init__(self, kind: str = "fused", backend: str = "auto"):
+        if kind not in KERNELS:
+            raise ValueError(f"kernel: expected one of {KERNELS}, got {kind!r}")
+        self.kind = kind
+        self.backend = backend
+        self.fk = package_api() if kind == "fused" else None
+
+    def token_logprobs(self, logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0):
+        if self.fk is None:
+            return naive.token_logprobs(logits, targets, temperature)
+        return self.fk.token_logprobs(logits, targets, temperature=temperature, backend=self.backend)
+
+    def policy_loss(self, logits, targets, old_logprobs, advantages, mask, *, ref_logprobs, config: PolicyLossConfig):
+        if self.fk is None:
+            return naive.policy_loss(
+                logits, targets, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, config=config
+            )
+        return self.fk.policy_loss(
+            logits, targets, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, config=config,
+            backend=self.backend,
+        )
+
+    def group_advantages(self, rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+        if self.fk is None:
+            return naive.group_advantages(rewards, group_size)
+        return self.fk.group_advantages(rewards, group_size, scale="std", std_ddof=0)
+
+    def gae(self, rewards, values, mask, *, gamma: float, lam: float):
+        if self.fk is None:
+            return naive.gae(rewards, values, mask, gamma=gamma, lam=lam)
+        return self.fk.gae(rewards, values, mask, gamma=gamma, lam=lam, whiten=False)
+
+    def value_loss(self, values, old_values, returns, mask, *, clip: Optional[float]):
+        if self.fk is None:
+            return naive.value_loss(values, old_values, returns, mask, clip=clip)
+        return self.fk.value_loss(values, old_values, returns, mask, clip=clip, loss_agg="token-mean")
+
+    def dpo_loss(self, logits, targets, mask, ref_chosen_logps, ref_rejected_logps, *, beta: float):
+        if self.fk is None:
+            return naive.fused_dpo_loss(logits, targets, mask, ref_chosen_logps, ref_rejected_logps, beta=beta)
+        return self.fk.fused_dpo_loss(
+            logits, targets, mask, ref_chosen_logps, ref_rejected_logps, beta=beta, loss_type="sigmoid",
+            backend=self.backend,
+        )
+
+
+class _StorageTracker(TorchDispatchMode):
+    """Counts the bytes of tensor storages created while active and still alive; keeps the peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: set = set()
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self._seen.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes == 0 or key in self._seen:
+                continue
+            self._seen.add(key)
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._release, key, nbytes)
+        return out
+
+
+class LossStepMemory:
+    """Peak extra bytes of the loss step (loss forward + gradient w.r.t. the logits), as ``self.peak``.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` minus what was allocated on entry (the allocator's own
+    count, everything included). CPU: the peak total size of tensor storages created inside the block
+    and alive at the same time, seen at the dispatcher (inputs that existed before are not counted;
+    scratch memory a kernel takes without making a tensor is not seen).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.peak = 0
+
+    def __enter__(self) -> LossStepMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            self._tracker = _StorageTracker().__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+        else:
+            self._tracker.__exit__(*exc)
+            self.peak = self._tracker.peak

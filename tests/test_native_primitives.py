@@ -1,0 +1,273 @@
+"""The native C++ backend's two primitives (``fastrl_kernels.native``) against the float64 reference.
+
+The first test to run builds the extension (about 1-2 minutes on 2 cores); later runs load the cache.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastrl_kernels import native
+from fastrl_kernels.core import CoreParams
+from fastrl_kernels.reference.logprobs import token_stats
+from fastrl_kernels.testing.asserts import assert_close_to_reference
+from fastrl_kernels.testing.strategies import IGNORE_INDEX, core_inputs, make_logits
+
+pytestmark = pytest.mark.native
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _built_extension():
+    if not native.is_available():
+        try:
+            native.load()
+        except RuntimeError as error:
+            pytest.skip(f"the native extension cannot be built here: {error}")
+
+
+def _params(inputs: dict) -> CoreParams:
+    return CoreParams(
+        temperature=inputs["temperature"],
+        logit_scale=inputs["logit_scale"],
+        softcap=inputs["softcap"],
+        ignore_index=IGNORE_INDEX,
+    )
+
+
+def _reference(logits, targets, params, g_lp, g_entropy):
+    """float64 stats on the same (rounded) logits and dL/dlogits of sum(g_lp logp + g_entropy H)."""
+    z = logits.detach().to(torch.float64).requires_grad_(True)
+    ref = token_stats(
+        z,
+        targets,
+        temperature=params.temperature,
+        logit_scale=params.logit_scale,
+        softcap=params.softcap,
+        ignore_index=params.ignore_index,
+    )
+    (ref.logp * g_lp.double() + ref.entropy * g_entropy.double()).sum().backward()
+    return ref, z.grad
+
+
+def _coefficients(n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return 2 * torch.rand(n, generator=g) - 1, 2 * torch.rand(n, generator=g) - 1
+
+
+def _check_against_reference(logits, targets, params, with_p2=True, seed=0):
+    g_lp, g_entropy = _coefficients(logits.shape[0], seed)
+    stats = native.stats(logits, targets, params, with_log_sum_p2=with_p2)
+    ref, ref_grad = _reference(logits, targets, params, g_lp, g_entropy)
+    dtype = logits.dtype
+    assert_close_to_reference(stats.logp, ref.logp, dtype=dtype, name="logp")
+    assert_close_to_reference(stats.entropy, ref.entropy, dtype=dtype, name="entropy")
+    valid = targets != params.ignore_index
+    assert_close_to_reference(stats.lse[valid], ref.lse.detach()[valid], dtype=dtype, name="lse")
+    assert_close_to_reference(stats.mean_x[valid], ref.mean_x.detach()[valid], dtype=dtype, name="mean_x")
+    if with_p2:
+        assert_close_to_reference(
+            stats.log_sum_p2[valid], ref.log_sum_p2.detach()[valid], dtype=dtype, name="log_sum_p2"
+        )
+    else:
+        assert stats.log_sum_p2 is None
+    grad = native.grad(logits, targets, stats, g_lp, g_entropy, params)
+    assert grad.dtype == dtype and grad.shape == logits.shape
+    assert_close_to_reference(grad, ref_grad, dtype=dtype, kind="grad", name="grad")
+    return stats, grad
+
+
+@settings(max_examples=40)
+@given(inputs=core_inputs(max_rows=300, max_vocab=3000, dtypes=DTYPES), with_p2=st.booleans(), seed=st.integers(0, 99))
+def test_matches_float64_reference(inputs, with_p2, seed):
+    _check_against_reference(inputs["logits"], inputs["targets"], _params(inputs), with_p2, seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["huge", "all_negative", "peaked"])
+@pytest.mark.parametrize("temperature,softcap", [(1.0, None), (0.7, None), (0.7, 30.0)])
+def test_extreme_logits(dtype, kind, temperature, softcap):
+    # |z| = 1e4 rows make pass 2 recompute the row sums (fp32 lse there is ~5e-4 coarse).
+    logits = make_logits(kind, (33, 1009), seed=3, dtype=dtype)
+    targets = torch.randint(0, 1009, (33,), generator=torch.Generator().manual_seed(4))
+    targets[::7] = IGNORE_INDEX
+    params = CoreParams(temperature=temperature, softcap=softcap, logit_scale=1.0)
+    _check_against_reference(logits, targets, params)
+
+
+def test_single_token_vocabulary():
+    logits = torch.randn(5, 1) * 100
+    targets = torch.zeros(5, dtype=torch.long)
+    stats, grad = _check_against_reference(logits, targets, CoreParams(temperature=0.5))
+    assert torch.equal(stats.logp, torch.zeros(5)) and torch.equal(stats.entropy, torch.zeros(5))
+    assert torch.equal(grad, torch.zeros(5, 1))
+
+
+def test_masked_vocabulary_entries():
+    # -inf logits (banned tokens) get p = 0 and a zero gradient, never NaN (0 * -inf).
+    logits = torch.randn(16, 4500) * 3
+    logits[:, ::3] = float("-inf")
+    logits[0, :2100] = float("-inf")  # a whole leading block of -inf: the row's frame starts later
+    targets = torch.arange(16) * 3 + 1
+    targets[0] = 2101
+    finite = logits.clamp(min=-1e30)  # the reference with the banned entries at an exp-underflowing value
+    g_lp, g_entropy = _coefficients(16, 1)
+    params = CoreParams()
+    stats = native.stats(logits, targets, params, with_log_sum_p2=True)
+    ref, ref_grad = _reference(finite, targets, params, g_lp, g_entropy)
+    for name in ("logp", "entropy", "lse", "mean_x", "log_sum_p2"):
+        assert_close_to_reference(getattr(stats, name), getattr(ref, name), dtype=torch.float32, name=name)
+    grad = native.grad(logits, targets, stats, g_lp, g_entropy, params)
+    assert_close_to_reference(grad, ref_grad, dtype=torch.float32, kind="grad", name="grad")
+    assert torch.equal(grad[:, ::3], torch.zeros_like(grad[:, ::3]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ignored_rows_are_zero_and_not_read(dtype):
+    logits = make_logits("normal", (12, 257), seed=5, dtype=dtype)
+    targets = torch.randint(0, 257, (12,))
+    targets[1::2] = IGNORE_INDEX
+    logits[1::2] = float("nan")  # never read: no NaN may reach any output
+    g = torch.ones(12)
+    stats = native.stats(logits, targets, CoreParams(), with_log_sum_p2=True)
+    for field in stats:
+        assert torch.isfinite(field).all()
+        assert torch.equal(field[1::2], torch.zeros(6))
+    grad = native.grad(logits, targets, stats, g, g, CoreParams())
+    assert torch.equal(grad[1::2], torch.zeros(6, 257, dtype=dtype))
+    assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind,softcap", [("normal", None), ("normal", 5.0), ("huge", None)])
+def test_in_place_gradient(dtype, kind, softcap):
+    logits = make_logits(kind, (40, 1001), seed=6, dtype=dtype)
+    targets = torch.randint(0, 1001, (40,))
+    targets[3] = IGNORE_INDEX
+    params = CoreParams(temperature=0.7, softcap=softcap)
+    g_lp, g_entropy = _coefficients(40, 2)
+    stats = native.stats(logits, targets, params)
+    expected = native.grad(logits, targets, stats, g_lp, g_entropy, params)
+    work = logits.clone()
+    result = native.grad(work, targets, stats, g_lp, g_entropy, params, out=work)
+    assert result.data_ptr() == work.data_ptr()
+    assert torch.equal(work, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_rows(dtype):
+    # A slice of a wider tensor: row stride 1040, last-dim stride 1; the out buffer is strided too.
+    wide = make_logits("normal", (24, 1040), seed=7, dtype=dtype)
+    logits = wide[:, 13:1013]
+    assert not logits.is_contiguous() and logits.stride(-1) == 1
+    targets = torch.randint(0, 1000, (24,))
+    params = CoreParams(temperature=1.3, logit_scale=0.5)
+    g_lp, g_entropy = _coefficients(24, 3)
+    stats = native.stats(logits, targets, params)
+    dense = native.stats(logits.contiguous(), targets, params)
+    for a, b in zip(stats, dense):
+        assert (a is None and b is None) or torch.equal(a, b)
+    out_wide = torch.full((24, 1100), 7.0, dtype=dtype)
+    out = out_wide[:, 50:1050]
+    native.grad(logits, targets, stats, g_lp, g_entropy, params, out=out)
+    expected = native.grad(logits.contiguous(), targets, dense, g_lp, g_entropy, params)
+    assert torch.equal(out, expected)
+    assert (out_wide[:, :50] == 7).all() and (out_wide[:, 1050:] == 7).all()
+
+
+def test_same_result_for_one_and_two_threads():
+    logits = make_logits("normal", (301, 2999), seed=8)
+    targets = torch.randint(0, 2999, (301,))
+    params = CoreParams(temperature=0.7, softcap=30.0)
+    g_lp, g_entropy = _coefficients(301, 4)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            stats = native.stats(logits, targets, params, with_log_sum_p2=True)
+            results.append((stats, native.grad(logits, targets, stats, g_lp, g_entropy, params)))
+    finally:
+        torch.set_num_threads(before)
+    (s1, g1), (s2, g2) = results
+    assert all(torch.equal(a, b) for a, b in zip(s1, s2))
+    assert torch.equal(g1, g2)
+
+
+def test_bad_inputs_raise():
+    logits = torch.randn(4, 10)
+    targets = torch.tensor([0, 9, IGNORE_INDEX, 3])
+    stats = native.stats(logits, targets, CoreParams())
+    g = torch.ones(4)
+    with pytest.raises(RuntimeError, match="targets"):
+        native.stats(logits, torch.tensor([0, 10, 1, 2]), CoreParams())
+    with pytest.raises(RuntimeError, match="stride"):
+        native.stats(torch.randn(10, 4).t(), targets, CoreParams())
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        native.stats(logits.double(), targets, CoreParams())
+    with pytest.raises(RuntimeError, match="out"):
+        native.grad(logits, targets, stats, g, g, CoreParams(), out=torch.empty(4, 10, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="softcap"):
+        native.stats(logits, targets, CoreParams(softcap=0.0))
+
+
+def _run_python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_import_builds_nothing_and_missing_compiler_is_reported(tmp_path):
+    code = (
+        "import fastrl_kernels.native as n\n"
+        "assert n._module is None and n._error is None\n"
+        "assert n.is_available() is False\n"
+        "try:\n    n.load()\nexcept RuntimeError as e:\n    print('ERR', e)\n"
+    )
+    result = _run_python(code, CXX=str(tmp_path / "no-such-compiler"), TORCH_EXTENSIONS_DIR=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "ERR fastrl_kernels.native: the C++ extension could not be built" in result.stdout
+
+
+def test_build_command_prints_the_build_directory():
+    result = subprocess.run(
+        [sys.executable, "-m", "fastrl_kernels.native", "build"], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    assert str(native.build_directory()) in result.stdout
+
+
+@pytest.mark.slow
+def test_portable_scalar_build_matches_reference():
+    # The build used on CPUs without AVX2/FMA/F16C: a second compile (cached like the first).
+    code = (
+        "import torch\n"
+        "from fastrl_kernels import native\n"
+        "from fastrl_kernels.core import CoreParams\n"
+        "from fastrl_kernels.reference.logprobs import token_stats\n"
+        "assert native.load().isa == 'generic'\n"
+        "z = torch.randn(20, 517) * 3\n"
+        "y = torch.randint(0, 517, (20,))\n"
+        "p = CoreParams(temperature=0.7, softcap=5.0)\n"
+        "s = native.stats(z, y, p)\n"
+        "r = token_stats(z, y, temperature=0.7, softcap=5.0)\n"
+        "torch.testing.assert_close(s.logp.double(), r.logp, rtol=1e-5, atol=1e-6)\n"
+        "torch.testing.assert_close(s.entropy.double(), r.entropy, rtol=1e-5, atol=1e-6)\n"
+        "g = native.grad(z.bfloat16(), y, native.stats(z.bfloat16(), y, p), torch.ones(20), torch.ones(20), p)\n"
+        "assert torch.isfinite(g.float()).all()\n"
+        "print('OK')\n"
+    )
+    result = _run_python(code, FASTRL_NATIVE_ISA="generic")
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
