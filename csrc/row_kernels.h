@@ -42,11 +42,17 @@ struct Transform {
 
 // Sums of one row on the frame vmax = v(max z): d = (v - vmax) k, which is exact up to one rounding
 // (v - vmax is exact for the elements that matter), so it keeps full precision at |z| = 1e4.
+// `ties` counts the elements at the frame (d = 0, e^d = 1 exactly); s and q hold the sums without them.
+// A peaked row then never adds tiny terms to an fp32 accumulator holding 1, which would lose ~1e-6 of
+// log s and log sum p^2 through rounding.
 struct RowSums {
   float vmax = 0.0f;
-  double s = 0.0;
+  double s = 0.0;  // sum e^d over d != 0 (total: s + ties)
   double t = 0.0;
-  double q = 0.0;
+  double q = 0.0;  // sum e^{2d} over d != 0 (total: q + ties)
+  double ties = 0.0;
+  double total_s() const { return s + ties; }
+  double total_q() const { return q + ties; }
 };
 
 constexpr int64_t kBlock = 2048;  // elements per block: read twice (max, then exp) from L1
@@ -78,10 +84,10 @@ RowSums row_sums(const T* z, int64_t V_, const Transform& tr) {
   constexpr int W = S::W;
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const V zero = S::set1(0.0f);
+  const V one = S::set1(1.0f);
   const V k = S::set1(tr.k_hi);
   float zmax = neg_inf;
-  float vmax = 0.0f;
-  V s = zero, t = zero, q = zero;
+  RowSums row;
   for (int64_t b0 = 0; b0 < V_; b0 += kBlock) {
     const int64_t b1 = std::min(V_, b0 + kBlock);
     const int64_t full = b0 + (b1 - b0) / W * W;
@@ -92,53 +98,53 @@ RowSums row_sums(const T* z, int64_t V_, const Transform& tr) {
     if (block_max > zmax) {
       const float new_vmax = scalar_v<S, SOFTCAP>(block_max, tr);
       if (zmax != neg_inf) {
-        // Move the sums to the new frame: delta = old - new frame (<= 0).
-        const V delta = S::mul(S::set1(vmax - new_vmax), k);
-        const V e = fast_exp_upto88<S>(delta);
-        t = S::mul(e, S::fma(s, delta, t));
-        s = S::mul(e, s);
-        if constexpr (WITH_Q) q = S::mul(S::mul(e, e), q);
+        // Move the row's sums to the new frame (in double): delta = (old - new frame) k <= 0.
+        const double delta = static_cast<double>(row.vmax - new_vmax) * tr.k_hi;
+        const double e = std::exp(delta);
+        row.t = e * (row.t + row.total_s() * delta);
+        row.s = e * row.total_s();
+        row.q = e * e * row.total_q();
+        row.ties = 0.0;
       }
       zmax = block_max;
-      vmax = new_vmax;
+      row.vmax = new_vmax;
     }
     if (zmax == neg_inf) continue;  // all -inf so far: nothing to add, no frame yet
-    const V vm = S::set1(vmax);
-    // Four independent accumulator sets keep several exp chains in flight.
+    const V vm = S::set1(row.vmax);
+    // Four independent accumulator sets keep several exp chains in flight; fp32 within a block only.
     V sa[4] = {zero, zero, zero, zero}, ta[4] = {zero, zero, zero, zero}, qa[4] = {zero, zero, zero, zero};
-    auto accumulate = [&](V zv, int i) {
-      const V d = S::mul(S::sub(clamped_v<S, SOFTCAP>(zv, tr), vm), k);
-      const V e = fast_exp_upto88<S>(d);
-      sa[i] = S::add(sa[i], e);
+    V ties = zero;
+    auto accumulate = [&](V d, V e, int i) {
+      const V at_frame = S::keep(S::eq(d, zero), one);
+      sa[i] = S::add(sa[i], S::sub(e, at_frame));
       ta[i] = S::fma(e, d, ta[i]);
-      if constexpr (WITH_Q) qa[i] = S::fma(e, e, qa[i]);
+      if constexpr (WITH_Q) qa[i] = S::add(qa[i], S::fma(e, e, S::sub(zero, at_frame)));
+      ties = S::add(ties, at_frame);
     };
+    auto shifted_of = [&](V zv) { return S::mul(S::sub(clamped_v<S, SOFTCAP>(zv, tr), vm), k); };
     int64_t j = b0;
     for (; j + 4 * W <= full; j += 4 * W) {
-      accumulate(S::load(z + j), 0);
-      accumulate(S::load(z + j + W), 1);
-      accumulate(S::load(z + j + 2 * W), 2);
-      accumulate(S::load(z + j + 3 * W), 3);
+      for (int u = 0; u < 4; ++u) {
+        const V d = shifted_of(S::load(z + j + u * W));
+        accumulate(d, fast_exp_upto88<S>(d), u);
+      }
     }
-    for (; j < full; j += W) accumulate(S::load(z + j), 0);
+    for (; j < full; j += W) {
+      const V d = shifted_of(S::load(z + j));
+      accumulate(d, fast_exp_upto88<S>(d), 0);
+    }
     if (full < b1) {
-      const V d = S::mul(S::sub(clamped_v<S, SOFTCAP>(S::load_partial(z + full, b1 - full, 0.0f), tr), vm), k);
-      const V e = S::keep(S::first_lanes(b1 - full), fast_exp_upto88<S>(d));
-      sa[1] = S::add(sa[1], e);
-      ta[1] = S::fma(e, d, ta[1]);
-      if constexpr (WITH_Q) qa[1] = S::fma(e, e, qa[1]);
+      // Lanes past the row get d = -1e30: e = 0, not at the frame, e d = 0.
+      const V d = S::blend(S::first_lanes(b1 - full), shifted_of(S::load_partial(z + full, b1 - full, 0.0f)),
+                           S::set1(kLowClamp));
+      accumulate(d, fast_exp_upto88<S>(d), 1);
     }
-    // Per-block partial sums, then one add into the row totals: shorter fp32 summation chains.
-    s = S::add(s, S::add(S::add(sa[0], sa[1]), S::add(sa[2], sa[3])));
-    t = S::add(t, S::add(S::add(ta[0], ta[1]), S::add(ta[2], ta[3])));
-    if constexpr (WITH_Q) q = S::add(q, S::add(S::add(qa[0], qa[1]), S::add(qa[2], qa[3])));
+    row.s += static_cast<double>(S::hsum(S::add(S::add(sa[0], sa[1]), S::add(sa[2], sa[3]))));
+    row.t += static_cast<double>(S::hsum(S::add(S::add(ta[0], ta[1]), S::add(ta[2], ta[3]))));
+    if constexpr (WITH_Q) row.q += static_cast<double>(S::hsum(S::add(S::add(qa[0], qa[1]), S::add(qa[2], qa[3]))));
+    row.ties += static_cast<double>(S::hsum(ties));
   }
-  RowSums out;
-  out.vmax = vmax;
-  out.s = S::hsum(s);
-  out.t = S::hsum(t);
-  if constexpr (WITH_Q) out.q = S::hsum(q);
-  return out;
+  return row;
 }
 
 struct RowStatsOut {
@@ -148,8 +154,8 @@ struct RowStatsOut {
 template <class S, bool SOFTCAP, bool WITH_Q, class T>
 RowStatsOut row_stats(const T* z, int64_t V_, int64_t y, const Transform& tr) {
   const RowSums r = row_sums<S, SOFTCAP, WITH_Q>(z, V_, tr);
-  const double log_s = std::log(r.s);
-  const double mean_d = r.t / r.s;
+  const double log_s = std::log(r.total_s());
+  const double mean_d = r.t / r.total_s();
   const double frame = tr.k * static_cast<double>(r.vmax);
   const float v_y = scalar_v<S, SOFTCAP>(static_cast<float>(z[y]), tr);
   const double d_y = static_cast<float>((v_y - r.vmax) * tr.k_hi);  // as in the sweep
@@ -158,7 +164,7 @@ RowStatsOut row_stats(const T* z, int64_t V_, int64_t y, const Transform& tr) {
   o.entropy = static_cast<float>(log_s - mean_d);
   o.lse = static_cast<float>(frame + log_s);
   o.mean_x = static_cast<float>(frame + mean_d);
-  o.log_sum_p2 = WITH_Q ? static_cast<float>(std::log(r.q) - 2.0 * log_s) : 0.0f;
+  o.log_sum_p2 = WITH_Q ? static_cast<float>(std::log(r.total_q()) - 2.0 * log_s) : 0.0f;
   return o;
 }
 
@@ -230,8 +236,8 @@ void row_grad(const T* z, T* o, int64_t V_, int64_t y, float lse, float mean_x, 
     row_grad_sweep<S, SOFTCAP, false>(z, o, V_, y, lse, 0.0f, b, g_lp, g_h, tr);
   } else {
     const RowSums r = row_sums<S, SOFTCAP, false>(z, V_, tr);
-    row_grad_sweep<S, SOFTCAP, true>(z, o, V_, y, r.vmax, static_cast<float>(std::log(r.s)),
-                                     static_cast<float>(r.t / r.s), g_lp, g_h, tr);
+    row_grad_sweep<S, SOFTCAP, true>(z, o, V_, y, r.vmax, static_cast<float>(std::log(r.total_s())),
+                                     static_cast<float>(r.t / r.total_s()), g_lp, g_h, tr);
   }
 }
 

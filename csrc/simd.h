@@ -63,6 +63,7 @@ struct ScalarSimd {
   static V abs(V a) { return std::fabs(a); }
   static V copysign(V mag, V sign) { return std::copysign(mag, sign); }
   static M gt(V a, V b) { return a > b; }
+  static M eq(V a, V b) { return a == b; }
   static M not_less(V a, V b) { return !(a < b); }  // true when unordered (NaN)
   static V blend(M m, V if_true, V if_false) { return m ? if_true : if_false; }
   static V keep(M m, V a) { return m ? a : 0.0f; }
@@ -114,6 +115,7 @@ struct Avx2Simd {
     return _mm256_or_ps(_mm256_andnot_ps(s, mag), _mm256_and_ps(s, sign));
   }
   static M gt(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
+  static M eq(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_EQ_OQ); }
   static M not_less(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_NLT_UQ); }
   static V blend(M m, V if_true, V if_false) { return _mm256_blendv_ps(if_false, if_true, m); }
   static V keep(M m, V a) { return _mm256_and_ps(m, a); }

@@ -14,3 +14,10 @@ fi
 extras="${*:-train}"
 extras="${extras// /,}"
 "${PIP[@]}" -e ".[${extras}]"
+if [[ ",${extras}," == *",test,"* ]]; then
+    # verl's loss functions, for the equivalence tests: its declared dependencies (ray, vllm, ...) are
+    # not needed by verl.trainer.ppo.core_algos, so it and the few pure-Python modules it imports
+    # are installed without them.
+    "${PIP[@]}" --no-deps verl==0.9.1 omegaconf==2.4.0 antlr4-python3-runtime==4.9.3 codetiming==1.4.0 \
+        tensordict==0.15.3 cloudpickle pyvers
+fi

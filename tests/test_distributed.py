@@ -31,7 +31,8 @@ def _batch():
 
 def _loss(weight, hidden, targets, mask, old, adv, mode, normalizer):
     logits = hidden @ weight.T
-    logits.retain_grad()
+    if logits.requires_grad:
+        logits.retain_grad()
     out = fk.policy_loss(logits, targets, old, adv, mask, loss_agg=mode, normalizer=normalizer, backend="torch",
                          clip_eps_high=0.28)
     return out.loss, logits
@@ -86,9 +87,10 @@ def test_split_batch_equals_whole_batch(two_rank_results, mode, average):
     loss, logits = _loss(shared, hidden, targets, mask, old, adv, mode, None)
     loss.backward()
     total, grad, logits_grad = two_rank_results[(mode, average)]
-    # With average_grads the per-rank losses are W times their share; the DDP-averaged gradient is exact.
+    # With average_grads each rank's loss and logits gradient are W times its share (total above is the
+    # DDP-style mean); the averaged parameter gradient is the whole-batch one.
     scale = WORLD if average else 1
-    torch.testing.assert_close(total, loss.detach() * scale / scale, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(total, loss.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, shared.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(logits_grad / scale, logits.grad, rtol=1e-5, atol=1e-6)
     assert shared.grad.abs().max() > 0
@@ -112,3 +114,22 @@ def test_not_initialised_is_local():
     assert global_normalizer(mask, "sum", average_grads=True).item() == 1.0
     with pytest.raises(ValueError, match="loss_agg"):
         global_normalizer(mask, "mean")
+
+
+def doc_example(name: str) -> str:
+    """The python block after ``<!-- example: name -->`` in docs/integrations.md."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text()
+    match = re.search(rf"<!-- example: {name} -->\s*```python\n(.*?)```", text, re.S)
+    assert match, f"no example {name!r} in docs/integrations.md"
+    return match.group(1)
+
+
+def test_docs_example():
+    namespace: dict = {}
+    exec(compile(doc_example("distributed"), "docs/integrations.md:distributed", "exec"), namespace)
+    mask = namespace["mask"]
+    assert namespace["normalizer"].item() == mask.sum().item()  # one process: the local count
+    assert namespace["logits"].grad.abs().max() > 0

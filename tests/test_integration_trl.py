@@ -205,3 +205,28 @@ def test_patch_grpo_trainer(trainer):
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="path"):
         fk_trl.patch_grpo_trainer(plain, path="fast")
+
+
+def doc_example(name: str) -> str:
+    """The python block after ``<!-- example: name -->`` in docs/integrations.md."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text()
+    match = re.search(rf"<!-- example: {name} -->\s*```python\n(.*?)```", text, re.S)
+    assert match, f"no example {name!r} in docs/integrations.md"
+    return match.group(1)
+
+
+def test_docs_example(trainer):
+    from trl import GRPOTrainer
+
+    inputs = _inputs(trainer, seed=11)
+    plain = object.__new__(GRPOTrainer)
+    plain.__dict__.update(trainer.__dict__)
+    plain.model.zero_grad(set_to_none=True)
+    namespace = {"trainer": plain, "inputs": inputs}
+    exec(compile(doc_example("trl"), "docs/integrations.md:trl", "exec"), namespace)
+    torch.testing.assert_close(namespace["loss"], GRPOTrainer._compute_loss(plain, plain.model, inputs),
+                               rtol=1e-5, atol=1e-6)
+    assert plain.model.lm_head.weight.grad is not None

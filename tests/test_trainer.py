@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -153,18 +154,23 @@ def test_dpo_accuracy_and_margin_improve():
 @needs_api
 @pytest.mark.parametrize("algo", ["grpo", "ppo", "dpo"])
 def test_fused_matches_naive_step_by_step_with_less_memory(algo):
-    # A padded vocabulary makes the loss step's [N, V] tensors dominate, as with a real LM head.
-    cfg = dict(algo=algo, vocab_pad=4096, backend="torch", warmup_steps=10, epochs=2 if algo == "ppo" else 1)
+    # A padded vocabulary makes the loss step's [N, V] tensors dominate (as with a real LM head): 256
+    # tokens x 4096 is 4 MiB per fp32 copy, above the chunk buffers of the fused torch backend.
+    # Partial rewards give non-zero advantages from the untrained model, so no warm-up is needed.
+    cfg = quick(algo=algo, kernel="naive", vocab_pad=4096, backend="torch", warmup_steps=0, reward="partial",
+                d_model=32, layers=1, batch_size=32 if algo == "dpo" else 8, epochs=2 if algo == "ppo" else 1)
     logs = {}
     for kernel in ("naive", "fused"):
-        trainer = Trainer(quick(kernel=kernel, **cfg))
+        trainer = Trainer(dataclasses.replace(cfg, kernel=kernel))
         trainer.warmup()
-        logs[kernel] = [trainer.train_step() for _ in range(4)]
+        logs[kernel] = [trainer.train_step() for _ in range(3)]
     for a, b in zip(logs["naive"], logs["fused"]):
         assert a["reward"] == b["reward"]
-        for key in ("loss", "kl", "entropy"):
-            assert b[key] == pytest.approx(a[key], abs=1e-4, rel=1e-4), (key, a, b)
-    assert max(r["loss_peak_bytes"] for r in logs["fused"]) < min(r["loss_peak_bytes"] for r in logs["naive"])
+        for key in ("loss", "kl", "entropy", "margin", "value_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-4, rel=1e-4), (key, a, b)
+    fused = max(r["loss_peak_bytes"] for r in logs["fused"])
+    assert fused < 0.75 * min(r["loss_peak_bytes"] for r in logs["naive"])
 
 
 # -- CLI ------------------------------------------------------------------------------------------

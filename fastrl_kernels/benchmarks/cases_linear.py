@@ -125,6 +125,11 @@ def _reset(inputs: dict) -> None:
 def measure(case: dict, side: str, repeats: int) -> dict:
     """Time and peak extra memory of one side of one case in this process (call it in a fresh one)."""
     fn: Callable[[dict], torch.Tensor] = case[side]
+    # Module imports and the native library load are one-time process costs, not the op's memory.
+    from fastrl_kernels.backends import resolve_backend
+    from fastrl_kernels.ops import linear  # noqa: F401
+
+    resolve_backend("auto", torch.device(case["device"]))
     inputs = case["make_inputs"]()
     cuda = case["device"] == "cuda"
     if cuda:

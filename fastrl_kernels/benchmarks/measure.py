@@ -14,9 +14,10 @@ where a later call could reuse it unseen; ``malloc_trim(0)`` then returns free h
 baseline is ``VmRSS`` (inputs allocated and touched), and writing ``5`` to ``/proc/self/clear_refs``
 resets ``VmHWM`` to it. Peak extra = ``VmHWM`` after the call - baseline. This counts pages actually
 touched, whoever allocated them (PyTorch, a C++ extension, OpenMP), which a tracking allocator would
-miss; the resolution is a page per thread-cached counter (well under 1 MB). Because the mmap
-threshold slows small allocations, times are always taken before it is changed; the suite runs each
-(op, shape) in a fresh subprocess (``probe.py``) so nothing from another measurement leaks in.
+miss; its resolution is that of the kernel's per-CPU page counters (about 0.25 MB on 2 CPUs), so
+rows far below 1 MB read as noise. Because the mmap threshold slows small allocations, times are
+always taken before it is changed; the suite runs each (op, shape) in a fresh subprocess
+(``probe.py``) so nothing from another measurement leaks in.
 """
 
 from __future__ import annotations
@@ -182,5 +183,4 @@ def copy_bandwidth(device: str, nbytes: Optional[int] = None, repeats: int = 5) 
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=dev)
     dst = torch.empty_like(src)
     times = time_step(lambda: dst.copy_(src), device, warmup=2, repeats=repeats, max_seconds=10.0)
-    del src, dst
     return 2 * nbytes / (median(times) / 1e3) / 1e9

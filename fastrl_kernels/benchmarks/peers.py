@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import functools
 import importlib
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 
@@ -29,7 +30,7 @@ def _import(module: str, what: str) -> Any:
         raise Unavailable(f"{what}: `import {module}` failed ({type(error).__name__}: {error})") from None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def trl_logprobs() -> TrlLogprobs:
     """TRL's ``selective_log_softmax(logits, index)`` and ``entropy_from_logits(logits)``."""
     trl = _import("trl", "TRL")
@@ -40,7 +41,7 @@ def trl_logprobs() -> TrlLogprobs:
     return TrlLogprobs(utils.selective_log_softmax, utils.entropy_from_logits, trl.__version__)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def liger_grpo_loss() -> Callable[..., Any]:
     """Liger-Kernel's Triton GRPO loss on logits (``triton_grpo_loss``; CUDA only)."""
     if not torch.cuda.is_available():
@@ -51,7 +52,7 @@ def liger_grpo_loss() -> Callable[..., Any]:
     return module.triton_grpo_loss
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def liger_fused_linear_grpo() -> type:
     """Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (hidden x lm_head weight, chunked; for the lm_head path)."""
     module = _import("liger_kernel.chunked_loss", "Liger-Kernel")

@@ -62,10 +62,35 @@ def _meta_lines(meta: dict[str, Any]) -> list[str]:
     ]
 
 
+def summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """Compact table for a README: a row per (case, shape), a column per implementation, each cell
+    ``speedup x / memory ratio`` vs naive (naive's own cell: its time and peak extra memory)."""
+    measured = [r for r in rows if r["status"] == "ok"]
+    impls = list(dict.fromkeys(r["impl"] for r in measured))
+    keys = list(dict.fromkeys((r["case"], _shape_text(r), r["dtype"]) for r in measured))
+    cells = {(r["case"], _shape_text(r), r["dtype"], r["impl"]): r for r in measured}
+    lines = ["| case | shape | dtype | " + " | ".join(impls) + " |", "|" + "---|" * (3 + len(impls))]
+    for key in keys:
+        row_cells = []
+        for impl in impls:
+            row = cells.get(key + (impl,))
+            if row is None:
+                row_cells.append("")
+            elif impl == NAIVE:
+                row_cells.append(f"{row['time_ms']:.0f} ms, {_fmt(row.get('peak_extra_mb'), '.0f')} MB")
+            else:
+                row_cells.append(f"{_fmt(row.get('speedup_vs_naive'), '.2f', 'x')} / "
+                                 f"{_fmt(row.get('memory_vs_naive'), '.3f')}")
+        lines.append("| " + " | ".join(key) + " | " + " | ".join(row_cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any], title: str = "fastrl-bench results") -> str:
-    """A markdown report: how it was measured, one table of every measured row, then the skip lines."""
+    """A markdown report: how it was measured, the summary of ratios, every measured row, skip lines."""
     header, body = table_rows([r for r in rows if r["status"] != "skipped"])
     lines = [f"# {title}", ""] + _meta_lines(meta) + [""]
+    lines += ["Summary: speedup vs naive (naive time / time) / memory vs naive (peak extra / naive's); "
+              "naive column: its time and peak extra memory.", "", summary_markdown(rows), "All measurements:", ""]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---" for _ in header) + "|")
     lines += ["| " + " | ".join(cells) + " |" for cells in body]

@@ -192,7 +192,7 @@ class Trainer:
         ratio = torch.exp(logp - old_logp)
         clipped = (ratio < 1 - self.cfg.clip_eps) | (ratio > 1 + self.cfg.clip_eps)
         return {
-            "loss": float(out.loss),
+            "loss": float(out.loss.detach()),
             "kl": _masked_mean(torch.exp(k) - k - 1, mask),
             "entropy": _masked_mean(out.entropy, mask),
             "clip_frac": _masked_mean(clipped.float(), mask),
@@ -270,7 +270,7 @@ class Trainer:
         _, _, _, rewards = self._sample(self._problems(self.cfg.batch_size))
         return {
             "reward": float(rewards.mean()),
-            "loss": float(out.loss),
+            "loss": float(out.loss.detach()),
             "kl": _masked_mean(torch.exp(k) - k - 1, mask[:b]),
             "entropy": _masked_mean(entropy, mask[:b]),
             "accuracy": float(out.accuracy.float().mean()),
