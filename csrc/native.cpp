@@ -78,13 +78,14 @@ int64_t grain_rows(int64_t v) { return std::max<int64_t>(1, (int64_t{1} << 15) /
 
 template <class T, bool SOFTCAP, bool WITH_Q>
 void stats_rows(const at::Tensor& logits, const int64_t* y, int64_t ignore_index, const Transform& tr,
-                float* logp, float* ent, float* lse, float* mean_x, float* lsp2) {
+                float* logp, float* ent, double* lse, double* mean_x, float* lsp2) {
   const int64_t n = logits.size(0), v = logits.size(1), rs = logits.stride(0);
   const T* base = logits.data_ptr<T>();
   at::parallel_for(0, n, grain_rows(v), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       if (y[i] == ignore_index) {
-        logp[i] = ent[i] = lse[i] = mean_x[i] = 0.0f;
+        logp[i] = ent[i] = 0.0f;
+        lse[i] = mean_x[i] = 0.0;
         if (WITH_Q) lsp2[i] = 0.0f;
         continue;
       }
@@ -106,15 +107,17 @@ std::vector<at::Tensor> stats(const at::Tensor& logits, const at::Tensor& target
   check_targets(targets, n, v, ignore_index);
   const Transform tr = make_transform(temperature, logit_scale, softcap);
   const auto opts = logits.options().dtype(at::kFloat);
-  at::Tensor logp = at::empty({n}, opts), ent = at::empty({n}, opts), lse = at::empty({n}, opts),
-             mean_x = at::empty({n}, opts);
+  // lse and mean_x are float64 (core.CoreStats): pass 2 takes them apart to keep p exact at |x| = 1e4.
+  const auto wide = logits.options().dtype(at::kDouble);
+  at::Tensor logp = at::empty({n}, opts), ent = at::empty({n}, opts), lse = at::empty({n}, wide),
+             mean_x = at::empty({n}, wide);
   at::Tensor lsp2 = with_log_sum_p2 ? at::empty({n}, opts) : at::Tensor();
   float* lsp2_ptr = with_log_sum_p2 ? lsp2.data_ptr<float>() : nullptr;
   const int64_t* y = targets.data_ptr<int64_t>();
   auto run = [&](auto elem, auto softcap_tag, auto q_tag) {
     stats_rows<typename decltype(elem)::type, decltype(softcap_tag)::value, decltype(q_tag)::value>(
-        logits, y, ignore_index, tr, logp.data_ptr<float>(), ent.data_ptr<float>(), lse.data_ptr<float>(),
-        mean_x.data_ptr<float>(), lsp2_ptr);
+        logits, y, ignore_index, tr, logp.data_ptr<float>(), ent.data_ptr<float>(), lse.data_ptr<double>(),
+        mean_x.data_ptr<double>(), lsp2_ptr);
   };
   auto run_dtype = [&](auto elem) {
     using T_ = std::true_type;
@@ -133,7 +136,7 @@ std::vector<at::Tensor> stats(const at::Tensor& logits, const at::Tensor& target
 
 template <class T, bool SOFTCAP>
 void grad_rows(const at::Tensor& logits, at::Tensor& out, const int64_t* y, int64_t ignore_index,
-               const float* lse, const float* mean_x, const float* g_lp, const float* g_h, const Transform& tr) {
+               const double* lse, const double* mean_x, const float* g_lp, const float* g_h, const Transform& tr) {
   const int64_t n = logits.size(0), v = logits.size(1);
   const int64_t rs = logits.stride(0), os = out.stride(0);
   const T* base = logits.data_ptr<T>();
@@ -161,15 +164,15 @@ at::Tensor grad(const at::Tensor& logits, const at::Tensor& targets, const at::T
               "out: expected shape ", logits.sizes(), " and dtype ", logits.scalar_type(), ", got ", out.sizes(),
               " and ", out.scalar_type());
   check_targets(targets, n, v, ignore_index);
-  check_rows(lse, n, at::kFloat, "stats.lse");
-  check_rows(mean_x, n, at::kFloat, "stats.mean_x");
+  check_rows(lse, n, at::kDouble, "stats.lse");
+  check_rows(mean_x, n, at::kDouble, "stats.mean_x");
   check_rows(g_lp, n, at::kFloat, "g_lp");
   check_rows(g_entropy, n, at::kFloat, "g_entropy");
   const Transform tr = make_transform(temperature, logit_scale, softcap);
   const int64_t* y = targets.data_ptr<int64_t>();
   auto run = [&](auto elem, auto softcap_tag) {
     grad_rows<typename decltype(elem)::type, decltype(softcap_tag)::value>(
-        logits, out, y, ignore_index, lse.data_ptr<float>(), mean_x.data_ptr<float>(), g_lp.data_ptr<float>(),
+        logits, out, y, ignore_index, lse.data_ptr<double>(), mean_x.data_ptr<double>(), g_lp.data_ptr<float>(),
         g_entropy.data_ptr<float>(), tr);
   };
   dispatch_dtype(logits.scalar_type(), [&](auto elem) {
@@ -183,7 +186,7 @@ at::Tensor grad(const at::Tensor& logits, const at::Tensor& targets, const at::T
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastrl_kernels native CPU primitives: stats (pass 1) and grad (pass 2) over [N, V] logits";
-  m.def("stats", &fastrl::stats, "Per-row logp, entropy, lse, mean_x [, log_sum_p2] (float32 [N])",
+  m.def("stats", &fastrl::stats, "Per-row logp, entropy, lse, mean_x [, log_sum_p2] ([N]; lse and mean_x float64)",
         py::arg("logits"), py::arg("targets"), py::arg("temperature"), py::arg("logit_scale"),
         py::arg("softcap"), py::arg("ignore_index"), py::arg("with_log_sum_p2"));
   m.def("grad", &fastrl::grad, "dL/dlogits written into out (may alias logits)", py::arg("logits"),

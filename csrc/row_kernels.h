@@ -18,9 +18,8 @@
 //   dL/dx_j = g_lp (1[j=y] - p_j) - g_H p_j (x_j - E)
 //   dL/dz_j = dL/dx_j * dx/dz,  dx/dz = logit_scale / temperature * (1 - tanh^2) (softcap) or
 //   logit_scale / temperature.
-// pass 2 uses the stored fp32 lse and mean_x when both are small (|.| <= threshold): their rounding
-// then perturbs p by < threshold * 2^-24 relative. Larger values (|z| ~ 1e4 would give p errors ~5e-4)
-// make pass 2 recompute the row's sums first, exactly as pass 1 does.
+// Pass 2 takes the float64 lse and mean_x of pass 1 apart on a float frame (see row_grad), so it
+// needs no second reduction over the row and keeps p exact at |z| = 1e4.
 #pragma once
 
 #include <algorithm>
@@ -148,7 +147,9 @@ RowSums row_sums(const T* z, int64_t V_, const Transform& tr) {
 }
 
 struct RowStatsOut {
-  float logp, entropy, lse, mean_x, log_sum_p2;
+  float logp, entropy;
+  double lse, mean_x;
+  float log_sum_p2;
 };
 
 template <class S, bool SOFTCAP, bool WITH_Q, class T>
@@ -162,22 +163,22 @@ RowStatsOut row_stats(const T* z, int64_t V_, int64_t y, const Transform& tr) {
   RowStatsOut o;
   o.logp = static_cast<float>(d_y - log_s);
   o.entropy = static_cast<float>(log_s - mean_d);
-  o.lse = static_cast<float>(frame + log_s);
-  o.mean_x = static_cast<float>(frame + mean_d);
+  o.lse = frame + log_s;
+  o.mean_x = frame + mean_d;
   o.log_sum_p2 = WITH_Q ? static_cast<float>(std::log(r.total_q()) - 2.0 * log_s) : 0.0f;
   return o;
 }
 
 // Writes dL/dz for one row into o (which may be z itself), given the row's p and E through
 //   p_j = e^{d_j - a},  x_j - E = d_j - b,
-// with d_j = (v_j - frame) k (FRAME_IN_V: frame = vmax of row_sums) or d_j = k v_j - frame (frame = lse).
-template <class S, bool SOFTCAP, bool FRAME_IN_V, class T>
+// with d_j = (v_j - frame) k.
+template <class S, bool SOFTCAP, class T>
 void row_grad_sweep(const T* z, T* o, int64_t V_, int64_t y, float frame, float a, float b, float g_lp,
                     float g_h, const Transform& tr) {
   using V = typename S::V;
   constexpr int W = S::W;
   const V k = S::set1(tr.k_hi);
-  const V fr = S::set1(FRAME_IN_V ? frame : -frame);
+  const V fr = S::set1(frame);
   const V av = S::set1(a), bv = S::set1(b);
   // dL/dz_j = [g_lp 1[j=y] - p_j (g_lp + g_H (x_j - E))] dx/dz: the constant part of dx/dz and the
   // sign are folded into the two coefficients.
@@ -187,8 +188,8 @@ void row_grad_sweep(const T* z, T* o, int64_t V_, int64_t y, float frame, float 
   // Returns -p (g_lp + g_H (x - E)) dx/dz; `softcap_factor` = 1 - tanh^2 (1 without softcap).
   auto grad_of = [&](V zv, V& softcap_factor) {
     const V vv = clamped_v<S, SOFTCAP>(zv, tr);
-    const V d = FRAME_IN_V ? S::mul(S::sub(vv, fr), k) : S::fma(k, vv, fr);
-    const V p = fast_exp_upto88<S>(S::sub(d, av));
+    const V d = S::mul(S::sub(vv, fr), k);
+    const V p = fast_exp<S>(S::sub(d, av));  // clamped: stats from other logits must not overflow
     const V g = S::mul(p, S::fma(gh, S::sub(d, bv), glp));
     if constexpr (SOFTCAP) {
       softcap_factor = S::fma(S::sub(S::set1(0.0f), vv), vv, one);
@@ -219,26 +220,18 @@ void row_store_zero(T* o, int64_t V_) {
   std::fill(o, o + V_, static_cast<T>(0.0f));
 }
 
-// Largest |lse|, |mean_x| for which pass 2 trusts the stored fp32 values (see the header note): the
-// induced relative error in p is about threshold * 2^-24 (~2e-6 for fp32 outputs); 16-bit outputs round
-// at 2^-9 anyway, so they accept a larger range before paying for the recomputation.
-template <class T>
-constexpr float trusted_stats_bound() {
-  return std::is_same<T, float>::value ? 32.0f : 1024.0f;
-}
-
+// Pass 2 from the float64 lse and mean_x of pass 1, taken apart on a frame c (in v units):
+//   c = fp32(lse / k),  a = lse - c k,  b = mean_x - c k,  d_j = (v_j - c) k,
+//   p_j = e^{d_j - a},  x_j - E = d_j - b.
+// v_j - c is exact for every element with non-negligible p (Sterbenz), so p keeps float32 accuracy
+// at |x| = 1e4, where a float32 lse alone would be off by ~5e-4.
 template <class S, bool SOFTCAP, class T>
-void row_grad(const T* z, T* o, int64_t V_, int64_t y, float lse, float mean_x, float g_lp, float g_h,
+void row_grad(const T* z, T* o, int64_t V_, int64_t y, double lse, double mean_x, float g_lp, float g_h,
               const Transform& tr) {
-  constexpr float bound = trusted_stats_bound<T>();
-  if (std::fabs(lse) <= bound && std::fabs(mean_x) <= bound) {
-    const float b = static_cast<float>(static_cast<double>(mean_x) - static_cast<double>(lse));
-    row_grad_sweep<S, SOFTCAP, false>(z, o, V_, y, lse, 0.0f, b, g_lp, g_h, tr);
-  } else {
-    const RowSums r = row_sums<S, SOFTCAP, false>(z, V_, tr);
-    row_grad_sweep<S, SOFTCAP, true>(z, o, V_, y, r.vmax, static_cast<float>(std::log(r.total_s())),
-                                     static_cast<float>(r.t / r.total_s()), g_lp, g_h, tr);
-  }
+  const float c = static_cast<float>(lse / tr.k);
+  const double frame = static_cast<double>(c) * tr.k;
+  row_grad_sweep<S, SOFTCAP>(z, o, V_, y, c, static_cast<float>(lse - frame),
+                                   static_cast<float>(mean_x - frame), g_lp, g_h, tr);
 }
 
 }  // namespace fastrl

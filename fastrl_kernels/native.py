@@ -56,7 +56,10 @@ def _cpu_flags() -> set:
 
 
 def isa() -> str:
-    """"avx2" when this CPU has AVX2, FMA and F16C (x86-64 Linux), else "generic"; env FASTRL_NATIVE_ISA overrides."""
+    """The instruction set to build for: "avx2" when the CPU has AVX2, FMA and F16C, else "generic".
+
+    The environment variable FASTRL_NATIVE_ISA ("avx2" or "generic") overrides the detection.
+    """
     forced = os.environ.get("FASTRL_NATIVE_ISA", "").strip().lower()
     if forced in ("avx2", "generic"):
         return forced
@@ -148,15 +151,14 @@ def _rows_f32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32).contiguous()
 
 
-def stats(
-    logits: torch.Tensor, targets: torch.Tensor, params: CoreParams, with_log_sum_p2: bool = False
-) -> CoreStats:
+def stats(logits: torch.Tensor, targets: torch.Tensor, params: CoreParams, with_log_sum_p2: bool = False) -> CoreStats:
     """Pass 1 over CPU logits ``[N, V]`` (float32 / bfloat16 / float16, stride(-1) == 1, any row stride).
 
     targets int64 ``[N]`` in [0, V) or ``params.ignore_index``. With x the transformed row (see
     ``CoreParams``), m = max x, s = sum e^{x-m}, t = sum e^{x-m}(x-m) (fp32 accumulation, shifted):
     logp = (x_y - m) - log s, entropy = log s - t/s, lse = m + log s, mean_x = m + t/s and, if asked,
-    log_sum_p2 = log sum p^2. All float32 ``[N]``. Rows with target == ignore_index give logp =
+    log_sum_p2 = log sum p^2. ``[N]``, float32 but lse and mean_x float64 (core.CoreStats).
+    Rows with target == ignore_index give logp =
     entropy = 0 and are not read: their lse, mean_x, log_sum_p2 are 0 (pass 2 ignores them too).
     """
     module = load()
@@ -185,8 +187,8 @@ def grad(
 
     p = e^{x - lse}; dL/dx_j = g_lp (1[j=y] - p_j) - g_entropy p_j (x_j - mean_x); dL/dz = dL/dx dx/dz
     with dx/dz = logit_scale / temperature (times 1 - tanh^2 under softcap). Uses ``stats.lse`` and
-    ``stats.mean_x`` (float32 ``[N]``; recomputed per row when |lse| or |mean_x| is too large for
-    their fp32 rounding to keep p accurate). ``out``: None -> a new contiguous tensor of the logits'
+    ``stats.mean_x`` (float64 ``[N]``, taken apart on a float frame so p stays exact at |x| = 1e4).
+    ``out``: None -> a new contiguous tensor of the logits'
     shape and dtype; else a tensor of that shape and dtype with stride(-1) == 1, possibly ``logits``
     itself (in-place). Rows with target == ignore_index get a zero row. Returns ``out``.
     """
@@ -196,8 +198,8 @@ def grad(
     return module.grad(
         logits,
         targets.contiguous(),
-        _rows_f32(stats.lse),
-        _rows_f32(stats.mean_x),
+        stats.lse.to(torch.float64).contiguous(),
+        stats.mean_x.to(torch.float64).contiguous(),
         _rows_f32(g_lp),
         _rows_f32(g_entropy),
         out,

@@ -95,7 +95,7 @@ def test_matches_float64_reference(inputs, with_p2, seed):
 @pytest.mark.parametrize("kind", ["huge", "all_negative", "peaked"])
 @pytest.mark.parametrize("temperature,softcap", [(1.0, None), (0.7, None), (0.7, 30.0)])
 def test_extreme_logits(dtype, kind, temperature, softcap):
-    # |z| = 1e4 rows make pass 2 recompute the row sums (fp32 lse there is ~5e-4 coarse).
+    # |z| = 1e4: pass 2 must keep p exact from the float64 lse (a float32 lse is ~5e-4 coarse there).
     logits = make_logits(kind, (33, 1009), seed=3, dtype=dtype)
     targets = torch.randint(0, 1009, (33,), generator=torch.Generator().manual_seed(4))
     targets[::7] = IGNORE_INDEX

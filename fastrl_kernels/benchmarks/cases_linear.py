@@ -7,9 +7,10 @@ all by autograd (N x V logits, log-probs and their gradients live at once).
 
 ``python -m fastrl_kernels.benchmarks.cases_linear [--quick] [--device cpu] [--repeats 3]`` runs every
 case with each side in a fresh subprocess: time is the median of ``repeats`` runs after one untimed run;
-peak extra memory is, on CPU, the RSS high-water mark (``VmHWM``, reset once the inputs exist; else
-``ru_maxrss``) during the first run minus the RSS with the inputs allocated; on CUDA
-``max_memory_allocated`` minus the inputs.
+peak extra memory is, on CPU, the RSS high-water mark (``VmHWM``, reset after the untimed run; else
+``ru_maxrss``) during the timed runs minus the RSS before them (inputs allocated, grads None); on
+CUDA ``max_memory_allocated`` minus ``memory_allocated`` before them. ``peak_beyond_grads_mb`` also
+subtracts the gradients the step must produce (hidden and weight grads, the same on both sides).
 Prints one JSON line per case and side; records numbers, asserts nothing.
 """
 
@@ -132,29 +133,30 @@ def measure(case: dict, side: str, repeats: int) -> dict:
     resolve_backend("auto", torch.device(case["device"]))
     inputs = case["make_inputs"]()
     cuda = case["device"] == "cuda"
+
+    def run() -> tuple[float, torch.Tensor]:
+        _reset(inputs)
+        start = time.perf_counter()
+        loss = fn(inputs)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, loss
+
+    # The untimed first run also pays one-time initialisation (BLAS / OpenMP buffers, autograd engine
+    # threads); the peak is taken over the timed runs only: the steady state of a training step.
+    first, loss = run()
+    _reset(inputs)  # the gradients a step produces count as its memory, on both sides
     if cuda:
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
         base = _reset_rss_peak()
-    start = time.perf_counter()
-    loss = fn(inputs)
-    if cuda:
-        torch.cuda.synchronize()
-    first = time.perf_counter() - start
+    times = [run()[0] for _ in range(max(repeats, 1))]
     peak = (torch.cuda.max_memory_allocated() if cuda else _rss_peak_bytes()) - base
-    times = []
-    for _ in range(repeats):
-        _reset(inputs)
-        start = time.perf_counter()
-        fn(inputs)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    grad_bytes = sum(t.grad.nbytes for t in inputs.values() if t.requires_grad and t.grad is not None)
     return {"case": case["name"], "side": side, "loss": float(loss), "first_run_s": first,
-            "time_s": statistics.median(times) if times else first, "times_s": times,
-            "peak_extra_mb": peak / 2**20, "threads": torch.get_num_threads()}
+            "time_s": statistics.median(times), "times_s": times, "peak_extra_mb": peak / 2**20,
+            "peak_beyond_grads_mb": (peak - grad_bytes) / 2**20, "threads": torch.get_num_threads()}
 
 
 def main(argv: list | None = None) -> None:

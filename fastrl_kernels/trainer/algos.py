@@ -31,11 +31,11 @@ class TrainConfig:
     task: str = "sort"
     digits: int = 4
     reward: str = "exact"
-    steps: int = 150
+    steps: int = 120
     warmup_steps: int = 150
     warmup_target: float = 0.1
     warmup_lr: float = 3e-3
-    batch_size: int = 16
+    batch_size: int = 8
     group_size: int = 8
     lr: float = 1e-3
     epochs: int = 1
@@ -242,7 +242,7 @@ class Trainer:
                 ),
                 extra=self.cfg.vf_coef * vloss,
             )
-            losses.append({**self._policy_metrics(out, old_logp, ref_logp, mask), "value_loss": float(vloss)})
+            losses.append({**self._policy_metrics(out, old_logp, ref_logp, mask), "value_loss": float(vloss.detach())})
             peaks.append(peak)
         return self._merge(losses, peaks, reward=float(rewards.mean()), response_len=float(mask.sum(1).float().mean()))
 

@@ -25,8 +25,8 @@ from .tasks import REWARDS, TASKS
 # on 2 CPU cores with a clear reward gain.
 ALGO_DEFAULTS = {
     "grpo": {},
-    "ppo": {"epochs": 2, "lr": 5e-4},
-    "dpo": {"steps": 60, "lr": 5e-4, "batch_size": 32, "beta": 0.1},
+    "ppo": {"epochs": 2},
+    "dpo": {"steps": 60, "batch_size": 32},
 }
 # Flags that may change when a run is resumed; the others come from the checkpoint.
 RESUME_FLAGS = ("steps", "device", "backend")
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, help=f"supervised warm-up steps before RL (default {d.warmup_steps})")
     p.add_argument("--group-size", type=int, help=f"samples per prompt (default {d.group_size})")
     p.add_argument("--batch-size", type=int, help=f"prompts per step (default {d.batch_size}; dpo: pairs, 32)")
-    p.add_argument("--lr", type=float, help=f"RL learning rate (default {d.lr}; ppo, dpo 5e-4)")
+    p.add_argument("--lr", type=float, help=f"RL learning rate (default {d.lr})")
     p.add_argument("--epochs", type=int, help="optimizer passes over each rollout (default 1; ppo 2)")
     p.add_argument("--kernel", choices=KERNELS, help="fused: the package's losses; naive: plain PyTorch")
     p.add_argument("--backend", choices=BACKENDS, help="backend of the fused ops (default auto)")
