@@ -33,6 +33,15 @@ QUICK = dict(task="copy", digits=3, d_model=64, layers=1, heads=4, batch_size=8,
              warmup_lr=1e-2, lr=3e-3, seed=0)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # As the CLI's default: the tiny model's ops gain nothing from threads, and lose a lot when cores are shared.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def quick(**kw) -> TrainConfig:
     return TrainConfig(**{**QUICK, **kw})
 

@@ -1,7 +1,10 @@
 """Measures the (case, implementation) pairs of one op family at one shape, in this process.
 
-``measure_pairs`` first times every pair (default allocator settings), then measures each pair's
-peak extra memory (see ``measure.py``); each pair builds its own inputs and drops them afterwards.
+``measure_pairs`` first times every pair (default allocator settings, warm-up calls first), then
+measures each pair's peak extra memory in one more call (see ``measure.py``): libraries, thread
+pools and compiled code were loaded by the timing phase of the same process (so would a buffer an
+implementation kept across calls; none of this package's does). Each pair builds its own inputs and
+drops them afterwards.
 The suite calls it in-process on CUDA and, on CPU, in a fresh subprocess per (op, shape)::
 
     echo '{"op": ..., "shape": ..., "dtype": ..., "device": ..., "pairs": [[case, impl], ...]}' \\
@@ -22,7 +25,7 @@ from typing import Any
 import torch
 
 from . import measure
-from .cases import BenchCase, Unavailable, families
+from .cases import NAIVE_COMPILE, BenchCase, Unavailable, families
 
 MARKER = "@@fastrl-bench "
 
@@ -61,7 +64,8 @@ def _memory_pair(case: BenchCase, impl: str) -> dict[str, Any]:
     step = None
     try:
         step = case.setup(case, impl)
-        step()  # first call on fresh inputs outside the measurement (lazy per-input state, if any)
+        if impl == NAIVE_COMPILE:
+            step()  # a new compiled wrapper may re-trace once; that is compile memory, not the step's
         return {"status": "ok", "peak_extra_bytes": measure.peak_extra(step, case.device)}
     except Exception as error:
         return _failure(error)

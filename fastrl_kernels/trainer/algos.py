@@ -31,7 +31,7 @@ class TrainConfig:
     task: str = "sort"
     digits: int = 4
     reward: str = "exact"
-    steps: int = 120
+    steps: int = 200
     warmup_steps: int = 150
     warmup_target: float = 0.1
     warmup_lr: float = 3e-3
@@ -254,25 +254,26 @@ class Trainer:
             T.response_batch(self.tok, problems, rejected, self.cfg.digits, self.device),
         ])
         targets, mask = T.split_response(self.tok, seq, self.prompt_len)
-        # DPO compares log-likelihoods at temperature 1; cfg.temperature only shapes the reward samples.
-        ref_tok = self._logprobs(self.ref, seq, targets, temperature=1.0)
-        ref_seq = (ref_tok * mask).sum(-1)
+        # DPO compares log-likelihoods at temperature 1; cfg.temperature only shapes the samples below.
+        ref_seq = (self._logprobs(self.ref, seq, targets, temperature=1.0) * mask).sum(-1)
         b = len(problems)
         _, logits = self._response(self.model, seq)
-        with torch.no_grad():
-            logp, entropy = self.kernels.token_logprobs(logits[:b], targets[:b], temperature=1.0)
-        k = ref_tok[:b] - logp
         out, peak = self._loss_backward(
             logits,
             lambda lg: self.kernels.dpo_loss(lg, targets, mask, ref_seq[:b], ref_seq[b:], beta=self.cfg.beta),
         )
-        # Task reward of fresh samples from the updated policy: the quantity DPO should raise.
-        _, _, _, rewards = self._sample(self._problems(self.cfg.batch_size))
+        # Fresh samples of the updated policy: their task reward is what DPO should raise, and being
+        # on-policy they make k3 a KL estimate (on the fixed pairs it is not, and it explodes).
+        sampled, s_targets, s_mask, rewards = self._sample(self._problems(self.cfg.batch_size))
+        with torch.no_grad():
+            _, s_logits = self._response(self.model, sampled)
+            logp, entropy = self.kernels.token_logprobs(s_logits, s_targets, temperature=self.cfg.temperature)
+        k = self._logprobs(self.ref, sampled, s_targets) - logp
         return {
             "reward": float(rewards.mean()),
             "loss": float(out.loss.detach()),
-            "kl": _masked_mean(torch.exp(k) - k - 1, mask[:b]),
-            "entropy": _masked_mean(entropy, mask[:b]),
+            "kl": _masked_mean(torch.exp(k) - k - 1, s_mask),
+            "entropy": _masked_mean(entropy, s_mask),
             "accuracy": float(out.accuracy.float().mean()),
             "margin": float(out.margins.float().mean()),
             "chosen_reward": float(out.chosen_rewards.float().mean()),

@@ -60,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--d-model", type=int, help=f"default {d.d_model}")
     p.add_argument("--layers", type=int, help=f"default {d.layers}")
     p.add_argument("--heads", type=int, help=f"default {d.heads}")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument(
+        "--threads", type=int, default=1,
+        help="torch intra-op threads (default 1: the tiny model's ops are too small to gain from more)",
+    )
     p.add_argument("--out", type=Path, help="run directory (default runs/<algo>, or the --resume directory)")
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run saved in DIR")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (0: only at the end)")
@@ -125,10 +128,9 @@ def resolve(p: argparse.ArgumentParser, args: argparse.Namespace):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            p.error(f"--threads: expected an integer >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    if args.threads < 1:
+        p.error(f"--threads: expected an integer >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     if args.save_every < 0:
         p.error(f"--save-every: expected an integer >= 0, got {args.save_every}")
     cfg, state, out = resolve(p, args)

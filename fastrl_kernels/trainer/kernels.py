@@ -43,6 +43,14 @@ class LossKernels:
         self.backend = backend
         self.fk = package_api() if kind == "fused" else None
 
+    def backend_name(self, device: torch.device) -> str:
+        """The concrete backend the fused ops use on ``device`` ("naive" for the plain PyTorch kernel)."""
+        if self.fk is None:
+            return "naive"
+        from ..backends import resolve_backend
+
+        return resolve_backend(self.backend, torch.device(device))
+
     def token_logprobs(self, logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0):
         if self.fk is None:
             return naive.token_logprobs(logits, targets, temperature)

@@ -128,7 +128,7 @@ class TinyGPT(nn.Module):
         seq = prompts
         done = torch.zeros(prompts.shape[0], dtype=torch.bool, device=prompts.device)
         for _ in range(max_new_tokens):
-            logits = self(seq)[:, -1].float()
+            logits = self.lm_head(self.hidden(seq)[:, -1]).float()
             if temperature == 0:
                 nxt = logits.argmax(-1)
             else:

@@ -17,7 +17,8 @@ def _rolling(values: list, width: int = 10) -> list:
 
 def plot_curves(rows: list, path: Path, title: str = "") -> None:
     """Six panels over the step: reward (and its 10-step mean), loss, KL to the reference, entropy,
-    loss-step peak memory in MiB, and clip fraction (GRPO) / value loss (PPO) / DPO accuracy + margin."""
+    loss-step peak memory in MiB, and DPO accuracy + margin / PPO value loss / the clip fraction (or, when
+    nothing was clipped, the response length)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,9 +52,12 @@ def plot_curves(rows: list, path: Path, title: str = "") -> None:
     elif rows and "value_loss" in rows[0]:
         ax.plot(steps, [r["value_loss"] for r in rows])
         ax.set_title("value loss")
-    else:
-        ax.plot(steps, [r.get("clip_frac", 0.0) for r in rows])
+    elif any(r.get("clip_frac", 0.0) > 0 for r in rows):
+        ax.plot(steps, [r["clip_frac"] for r in rows])
         ax.set_title("clip fraction")
+    else:  # one epoch per rollout: the ratio is 1, nothing is clipped; show what the policy writes instead
+        ax.plot(steps, [r.get("response_len", 0.0) for r in rows])
+        ax.set_title("response length (tokens, end token included)")
     for ax in axes.flat:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -122,7 +122,7 @@ def run(
                     bar.update(1)
                     bar.set_postfix(
                         reward=f"{_mean(recent):.3f}", loss=f"{record['loss']:.4f}", kl=f"{record['kl']:.4f}",
-                        ent=f"{record['entropy']:.3f}", mem=f"{record['loss_peak_bytes'] / 2**20:.1f}M",
+                        ent=f"{record['entropy']:.3f}", mem=_bytes(record["loss_peak_bytes"]),
                     )
                 if save_every and trainer.step % save_every == 0:
                     save_checkpoint(trainer, out)
@@ -142,7 +142,7 @@ def run(
     try:
         from .plot import plot_curves
 
-        plot_curves(read_log(log_path), out / CURVES, title=_title(cfg))
+        plot_curves(read_log(log_path), out / CURVES, title=_title(cfg, summary["backend_used"]))
     except ImportError as exc:  # matplotlib is an optional dependency ("train" extra)
         summary["plot_error"] = str(exc)
     return summary
@@ -158,8 +158,12 @@ def _progress_bar(cfg: TrainConfig, initial: int, enabled: bool):
     return tqdm(total=cfg.steps, initial=initial, desc=cfg.algo, dynamic_ncols=True)
 
 
-def _title(cfg: TrainConfig) -> str:
-    return f"{cfg.algo} on '{cfg.task}' ({cfg.digits} digits), kernel={cfg.kernel}, backend={cfg.backend}, {cfg.device}"
+def _bytes(n: int) -> str:
+    return f"{n / 2**20:.1f}MiB" if n >= 2**20 else f"{n / 2**10:.0f}KiB"
+
+
+def _title(cfg: TrainConfig, backend: str) -> str:
+    return f"{cfg.algo} on '{cfg.task}' ({cfg.digits} digits), kernel={cfg.kernel} ({backend}), {cfg.device}"
 
 
 def write_summary(out, cfg, trainer, status, warmup_info, wall_s, first_step) -> dict:
@@ -173,6 +177,7 @@ def write_summary(out, cfg, trainer, status, warmup_info, wall_s, first_step) ->
         "steps_this_run": trainer.step - first_step,
         "wall_s": wall_s,
         "config": cfg.to_dict(),
+        "backend_used": trainer.kernels.backend_name(trainer.device),
         "model": {**trainer.model_cfg.to_dict(), "parameters": trainer.model.num_parameters()},
         "warmup": warmup_info,
         "reward_first10": _mean(rewards[:10]),
