@@ -5,8 +5,8 @@ Every error names the argument, what was expected and what was given.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any, Optional, Union
 
@@ -111,7 +111,7 @@ class PolicyLossConfig:
         return replace(self, **_known_fields(type(self), overrides))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _field_names(cls: type) -> frozenset:
     return frozenset(f.name for f in fields(cls))
 
