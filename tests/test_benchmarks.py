@@ -122,7 +122,7 @@ def test_unavailable_implementations_say_why():
 
 def test_run_suite_writes_valid_json_markdown_and_plots(tmp_path):
     rows = runner.run_suite(
-        "cpu", ops=["token_logprobs", "policy_loss"], shapes=["16x300", "32x300"],
+        "cpu", ops=["token_logprobs", "policy_loss"], shapes=["16x300"],
         impls=["ours[torch]", "ours[torch]+inplace", "naive-compile"], repeats=1, max_seconds=5.0,
         log=lambda line: None,
     )
@@ -152,8 +152,8 @@ def test_cli_runs_in_process_and_lists(tmp_path, capsys):
     assert cli.main(["--list"]) == 0
     assert "policy_loss" in capsys.readouterr().out
     out = tmp_path / "cli.json"
-    code = cli.main(["--ops", "policy_loss", "--shapes", "16x300", "--impls", "ours[torch],liger", "--repeats", "1",
-                     "--in-process", "--json", str(out)])
+    code = cli.main(["--ops", "policy_loss", "--shapes", "16x300,32x300,16x600", "--impls", "ours[torch],liger",
+                     "--repeats", "1", "--in-process", "--json", str(out), "--plot", str(tmp_path / "sweep.png")])
     assert code == 0
     printed = capsys.readouterr().out
     assert "speedup vs naive" in printed
@@ -162,3 +162,7 @@ def test_cli_runs_in_process_and_lists(tmp_path, capsys):
     loaded = json.loads(out.read_text())
     assert loaded["meta"]["command"].startswith("fastrl-bench --ops policy_loss")
     assert {r["impl"] for r in loaded["results"] if r["status"] == "ok"} == {"naive", "ours[torch]"}
+    assert (tmp_path / "sweep_policy_loss.png").read_bytes()[:4] == b"\x89PNG"
+    # Re-rendering from the JSON measures nothing and writes the same kinds of files.
+    assert cli.main(["--from-json", str(out), "--markdown", str(tmp_path / "again.md")]) == 0
+    assert "ours[torch]" in (tmp_path / "again.md").read_text()

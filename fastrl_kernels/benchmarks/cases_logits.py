@@ -55,8 +55,30 @@ def _true_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     return out.view(targets.shape)
 
 
+# The last inputs made on CPU, reused by the next implementation at the same shape: a fresh copy of
+# the logits costs one memory copy, where drawing them again costs a random-number pass and a softmax
+# (seconds on 2 cores). Not on CUDA, where drawing is fast and a second copy could not fit.
+_last_inputs: dict[tuple, dict[str, torch.Tensor]] = {}
+
+
 def make_logits_inputs(case: BenchCase, temperature: float, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Logits ``[B, T, V]`` (case dtype, requires grad), targets, mask, old/ref log-probs, advantages."""
+    """Logits ``[B, T, V]`` (case dtype, a fresh leaf requiring grad), targets, mask, old / ref
+    log-probs, advantages, and weights ``w_lp``, ``w_h`` for a token_logprobs loss. Same values for
+    the same (shape, dtype, device, temperature, seed); only the logits are a new tensor each call."""
+    if torch.device(case.device).type != "cpu":
+        inputs = _draw_inputs(case, temperature, seed)
+        inputs["logits"].requires_grad_(True)
+        return inputs
+    key = (tuple(case.shape.items()), case.dtype, case.device, temperature, seed)
+    if key not in _last_inputs:
+        _last_inputs.clear()
+        _last_inputs[key] = _draw_inputs(case, temperature, seed)
+    inputs = dict(_last_inputs[key])
+    inputs["logits"] = inputs["logits"].clone().requires_grad_(True)
+    return inputs
+
+
+def _draw_inputs(case: BenchCase, temperature: float, seed: int) -> dict[str, torch.Tensor]:
     n_tokens, vocab = case.shape["N"], case.shape["V"]
     batch, seq = batch_layout(n_tokens)
     device = torch.device(case.device)
@@ -68,7 +90,7 @@ def make_logits_inputs(case: BenchCase, temperature: float, seed: int = 0) -> di
     true_logp = _true_logprobs(logits, targets, temperature)
     noise = torch.randn(2, batch, seq, generator=gen, device=device)
     return {
-        "logits": logits.requires_grad_(True),
+        "logits": logits,
         "targets": targets,
         "mask": mask,
         "old": true_logp + 0.1 * noise[0],

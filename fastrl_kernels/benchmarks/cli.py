@@ -38,12 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per implementation")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 1)")
     parser.add_argument("--max-seconds", type=float, default=None, help="stop repeating after this long")
-    parser.add_argument("--in-process", action="store_true", help="no subprocess per (op, shape) on CPU")
+    parser.add_argument("--in-process", action="store_true", help="no subprocess per op family on CPU")
     parser.add_argument("--json", default=None, metavar="PATH", help="write results + metadata as JSON")
     parser.add_argument("--markdown", default=None, metavar="PATH", help="write a markdown table")
     parser.add_argument("--plot", default=None, metavar="PATH",
                         help="PNG per op: PATH with _<op> before the suffix (cpu.png -> cpu_policy_loss.png)")
     parser.add_argument("--list", action="store_true", help="list op families and exit")
+    parser.add_argument("--from-json", default=None, metavar="PATH",
+                        help="measure nothing: re-write --markdown / --plot from a JSON written by --json")
     return parser
 
 
@@ -60,6 +62,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     from . import report
     from .runner import environment, run_suite
 
+    if args.from_json:
+        import json
+
+        saved = json.loads(open(args.from_json).read())
+        _write_outputs(saved["results"], saved["meta"], None, args.markdown, args.plot)
+        return 0
+
     command = "fastrl-bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     meta = environment(args.device, command)
     rows = run_suite(
@@ -72,15 +81,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"{meta['device']} ({meta['device_name']}), {meta['date']}, "
           f"torch {meta['versions'].get('torch')}, fastrl-kernels {meta['versions'].get('fastrl-kernels')}")
     print(report.format_table(rows))
-    if args.json:
-        print(f"wrote {report.write_json(rows, meta, args.json)}")
-    if args.markdown:
-        print(f"wrote {report.write_markdown(rows, meta, args.markdown)}")
-    if args.plot:
-        for path in report.write_plots(rows, meta, args.plot):
-            print(f"wrote {path}")
+    _write_outputs(rows, meta, args.json, args.markdown, args.plot)
     failed = [r for r in rows if r["status"] == "error"]
     return 1 if failed and not any(r["status"] == "ok" for r in rows) else 0
+
+
+def _write_outputs(rows, meta, json_path, markdown_path, plot_path) -> None:
+    from . import report
+
+    if json_path:
+        print(f"wrote {report.write_json(rows, meta, json_path)}")
+    if markdown_path:
+        print(f"wrote {report.write_markdown(rows, meta, markdown_path)}")
+    if plot_path:
+        for path in report.write_plots(rows, meta, plot_path):
+            print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ resets ``VmHWM`` to it. Peak extra = ``VmHWM`` after the call - baseline. This c
 touched, whoever allocated them (PyTorch, a C++ extension, OpenMP), which a tracking allocator would
 miss; its resolution is that of the kernel's per-CPU page counters (about 0.25 MB on 2 CPUs), so
 rows far below 1 MB read as noise. Because the mmap threshold slows small allocations, times are
-always taken before it is changed; the suite runs each (op, shape) in a fresh subprocess
-(``probe.py``) so nothing from another measurement leaks in.
+always taken before it is changed; the suite runs each op family in a fresh subprocess
+(``probe.py``), so nothing from an earlier allocator setting or another family leaks in.
 """
 
 from __future__ import annotations

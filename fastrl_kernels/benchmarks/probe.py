@@ -1,13 +1,13 @@
-"""Measures the (case, implementation) pairs of one op family at one shape, in this process.
+"""Measures (shape, case, implementation) items of one op family, in this process.
 
 ``measure_pairs`` first times every pair (default allocator settings, warm-up calls first), then
 measures each pair's peak extra memory in one more call (see ``measure.py``): libraries, thread
 pools and compiled code were loaded by the timing phase of the same process (so would a buffer an
 implementation kept across calls; none of this package's does). Each pair builds its own inputs and
 drops them afterwards.
-The suite calls it in-process on CUDA and, on CPU, in a fresh subprocess per (op, shape)::
+The suite calls it in-process on CUDA and, on CPU, in a fresh subprocess per op family::
 
-    echo '{"op": ..., "shape": ..., "dtype": ..., "device": ..., "pairs": [[case, impl], ...]}' \\
+    echo '{"op": ..., "dtype": ..., "device": ..., "items": [[shape, case, impl], ...]}' \\
         | python -m fastrl_kernels.benchmarks.probe
 
 which prints one line per finished measurement: ``@@fastrl-bench {json}``.
@@ -74,37 +74,47 @@ def _memory_pair(case: BenchCase, impl: str) -> dict[str, Any]:
         _free(case.device)
 
 
+def shape_key(shape: Mapping[str, int]) -> str:
+    return "x".join(f"{k}{v}" for k, v in shape.items())
+
+
 def measure_pairs(
     op: str,
-    shape: Mapping[str, int],
     dtype: str,
     device: str,
-    pairs: list[tuple[str, str]],
+    items: list[tuple[Mapping[str, int], str, str]],
     *,
     warmup: int = 1,
     repeats: int = 5,
     max_seconds: float = 30.0,
     emit: Callable[[dict[str, Any]], None] = lambda record: None,
 ) -> list[dict[str, Any]]:
-    """One record per pair: case, impl, status ("ok" | "skipped" | "error"), reason, time_ms,
-    times_ms, peak_extra_bytes. ``emit`` sees each record as soon as its timing and then its memory
-    are known (``phase`` "time" / "memory")."""
-    cases = {case.name: case for case in families()[op].make_cases(dict(shape), dtype, device)}
+    """Measures ``items`` = (shape, case name, impl) of family ``op``.
+
+    Returns one record per item: shape, case, impl, status ("ok" | "skipped" | "error"), reason,
+    time_ms, times_ms, peak_extra_bytes. ``emit`` sees each record as soon as its timing and then
+    its memory are known (``phase`` "time" / "memory").
+    """
+    family = families()[op]
+    cases: dict[tuple[str, str], BenchCase] = {}
+    for shape, _, _ in items:
+        for case in family.make_cases(dict(shape), dtype, device):
+            cases[(shape_key(shape), case.name)] = case
     records = []
-    for case_name, impl in pairs:
-        record = {"case": case_name, "impl": impl}
-        record.update(_time_pair(cases[case_name], impl, warmup, repeats, max_seconds))
+    for shape, case_name, impl in items:
+        record = {"shape": dict(shape), "case": case_name, "impl": impl}
+        record.update(_time_pair(cases[(shape_key(shape), case_name)], impl, warmup, repeats, max_seconds))
         emit({**record, "phase": "time"})
         records.append(record)
     for record in records:
         if record["status"] != "ok":
             continue
-        memory = _memory_pair(cases[record["case"]], record["impl"])
+        memory = _memory_pair(cases[(shape_key(record["shape"]), record["case"])], record["impl"])
         if memory["status"] == "ok":
             record["peak_extra_bytes"] = memory["peak_extra_bytes"]
         else:
             record["memory_error"] = memory["reason"]
-        emit({"case": record["case"], "impl": record["impl"], "phase": "memory", **memory})
+        emit({"shape": record["shape"], "case": record["case"], "impl": record["impl"], "phase": "memory", **memory})
     return records
 
 
@@ -115,9 +125,9 @@ def main() -> None:
         print(MARKER + json.dumps(record), flush=True)
 
     measure_pairs(
-        request["op"], request["shape"], request["dtype"], request["device"],
-        [tuple(pair) for pair in request["pairs"]], warmup=request.get("warmup", 1),
-        repeats=request.get("repeats", 5), max_seconds=request.get("max_seconds", 30.0), emit=emit,
+        request["op"], request["dtype"], request["device"], [tuple(item) for item in request["items"]],
+        warmup=request.get("warmup", 1), repeats=request.get("repeats", 5),
+        max_seconds=request.get("max_seconds", 30.0), emit=emit,
     )
 
 

@@ -153,15 +153,43 @@ def _draw(ax, rows, vary: str, key: str, scale: float, reference: bool) -> None:
             by_impl[row["impl"]].append((row["shape"][vary], row[key] / scale))
     for impl, points in by_impl.items():
         points.sort()
-        ax.plot([p[0] for p in points], [max(p[1], 1e-3) for p in points], label=impl, **_impl_style(impl))
+        # Below 0.01 MB the RSS method reads noise; the floor keeps such rows on a log axis.
+        ax.plot([p[0] for p in points], [max(p[1], 1e-2) for p in points], label=impl, **_impl_style(impl))
     if reference:
         points = sorted({(r["shape"][vary], r["grad_bytes"] / scale) for r in rows if r.get("grad_bytes")})
         if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], color="grey", linestyle=":",
-                    label="size of the gradient")
+            ax.plot([p[0] for p in points], [p[1] for p in points], color="grey", linestyle=":", linewidth=3,
+                    alpha=0.6, label="size of the gradient")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
+
+
+def _draw_bars(axes, case_name: str, rows: list[dict[str, Any]]) -> None:
+    """Grouped bars per shape (memory, time) when the shapes form no sweep."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    shapes = list(dict.fromkeys(_shape_text(r) for r in ok))
+    impls = list(dict.fromkeys(r["impl"] for r in ok))
+    width = 0.8 / max(len(impls), 1)
+    for ax, key, scale, label in ((axes[0], "peak_extra_bytes", 1e6, "peak extra memory (MB)"),
+                                  (axes[1], "time_ms", 1.0, "time (ms)")):
+        for k, impl in enumerate(impls):
+            values = []
+            for shape in shapes:
+                match = [r for r in ok if r["impl"] == impl and _shape_text(r) == shape and r.get(key) is not None]
+                values.append(max(match[0][key] / scale, 1e-2) if match else 0.0)
+            positions = [x + (k - (len(impls) - 1) / 2) * width for x in range(len(shapes))]
+            color = "black" if impl == NAIVE else None
+            ax.bar(positions, values, width, label=impl, color=color, hatch="//" if "+inplace" in impl else None)
+        ax.set_xticks(range(len(shapes)), [f"N x V = {s}" for s in shapes])
+        ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.set_title(f"{case_name}: {label.split(' (')[0]} by shape", fontsize=9)
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+    for ax in axes[2:]:
+        ax.set_axis_off()
+    if len(axes) > 2:
+        axes[2].legend(*axes[0].get_legend_handles_labels(), loc="center left", fontsize=9)
 
 
 def plot_op(rows: Sequence[dict[str, Any]], meta: dict[str, Any], path: str | Path) -> Optional[Path]:
@@ -181,6 +209,9 @@ def plot_op(rows: Sequence[dict[str, Any]], meta: dict[str, Any], path: str | Pa
                              squeeze=False)
     for i, case_name in enumerate(case_names):
         case_rows = [r for r in rows if r["case"] == case_name]
+        if not any(_sweep(case_rows, vary, fixed)[1] for vary, fixed, *_ in panels):
+            _draw_bars(axes[i], case_name, case_rows)
+            continue
         for j, (vary, fixed, key, scale, label, reference) in enumerate(panels):
             ax = axes[i][j]
             fixed_value, sweep = _sweep(case_rows, vary, fixed)

@@ -5,7 +5,7 @@ Callable from Python (``bench/gpu_suite.py`` uses it on a GPU)::
     from fastrl_kernels.benchmarks.runner import run_suite, environment
     results = run_suite(device="cuda", ops=["policy_loss"], shapes=["16384x151936"], dtype="bfloat16")
 
-On CPU each (op, shape) runs in a fresh subprocess (``probe.py``, see ``measure.py`` for why); on
+On CPU each op family runs in a fresh subprocess (``probe.py``, see ``measure.py`` for why); on
 CUDA everything runs in this process. Implementations that cannot run are recorded with
 ``status="skipped"`` and a reason, printed once.
 """
@@ -28,7 +28,7 @@ import torch
 from . import measure, naive, peers
 from .cases import NAIVE, NAIVE_COMPILE, OpFamily, Unavailable, canonical_dtype, families, parse_ours, parse_shape
 from .cases import shape_label as _shape_label
-from .probe import MARKER, measure_pairs
+from .probe import MARKER, measure_pairs, shape_key
 
 Log = Callable[[str], None]
 ShapeArg = Union[str, Mapping[str, int]]
@@ -75,9 +75,27 @@ def _shapes_for(family: OpFamily, shapes: Optional[Sequence[ShapeArg]], device_t
     return chosen
 
 
-def _run_isolated(request: dict[str, Any], log: Log) -> list[dict[str, Any]]:
-    """Runs ``probe`` in a fresh interpreter; returns its records (errors for pairs it never finished)."""
-    records: dict[tuple[str, str], dict[str, Any]] = {}
+def _key(shape: Mapping[str, int], case: str, impl: str) -> tuple[str, str, str]:
+    return shape_key(shape), case, impl
+
+
+def _progress(log: Log) -> Callable[[dict[str, Any]], None]:
+    def emit(record: dict[str, Any]) -> None:
+        where = f"  {record['case']} {_shape_label(record['shape'])} {record['impl']}"
+        if record["status"] != "ok":
+            log(f"{where}: {record['status']}: {record.get('reason', '')}")
+        elif record["phase"] == "time":
+            log(f"{where}: {record['time_ms']:.2f} ms")
+        else:
+            peak = record.get("peak_extra_bytes")
+            log(f"{where}: peak extra {'n/a' if peak is None else f'{peak / 1e6:.1f} MB'}")
+
+    return emit
+
+
+def _run_isolated(request: dict[str, Any], emit: Callable[[dict[str, Any]], None], log: Log) -> list[dict]:
+    """Runs ``probe`` in a fresh interpreter; returns its records (errors for items it never finished)."""
+    records: dict[tuple[str, str, str], dict[str, Any]] = {}
     with tempfile.TemporaryFile(mode="w+") as stderr:
         process = subprocess.Popen(
             [sys.executable, "-m", "fastrl_kernels.benchmarks.probe"], stdin=subprocess.PIPE,
@@ -89,11 +107,12 @@ def _run_isolated(request: dict[str, Any], log: Log) -> list[dict[str, Any]]:
             if not line.startswith(MARKER):
                 continue
             record = json.loads(line[len(MARKER):])
-            key = (record["case"], record["impl"])
+            emit(record)
+            key = _key(record["shape"], record["case"], record["impl"])
             if record.pop("phase") == "time":
                 records[key] = record
             else:
-                target = records.setdefault(key, {"case": key[0], "impl": key[1], "status": "error"})
+                target = records.setdefault(key, {"status": "error", "reason": "no timing"})
                 if record["status"] == "ok":
                     target["peak_extra_bytes"] = record["peak_extra_bytes"]
                 else:
@@ -104,13 +123,15 @@ def _run_isolated(request: dict[str, Any], log: Log) -> list[dict[str, Any]]:
     if code != 0:
         why = "killed (out of memory?)" if code < 0 else f"exit code {code}"
         log(f"  measurement process {why}: {tail.splitlines()[-1] if tail else ''}")
-    for case_name, impl in request["pairs"]:
-        record = records.setdefault((case_name, impl), {"case": case_name, "impl": impl})
+    results = []
+    for shape, case_name, impl in request["items"]:
+        record = records.setdefault(_key(shape, case_name, impl), {})
         if "status" not in record:
             record.update(status="error", reason=f"measurement process ended first ({code})")
         elif record["status"] == "ok" and "peak_extra_bytes" not in record and "memory_error" not in record:
             record["memory_error"] = f"measurement process ended first ({code})"
-    return [records[(c, i)] for c, i in request["pairs"]]
+        results.append({**record, "shape": shape, "case": case_name, "impl": impl})
+    return results
 
 
 def _add_derived(rows: list[dict[str, Any]], bandwidth: float) -> None:
@@ -159,7 +180,7 @@ def run_suite(
         impls: keep only these implementation names (``naive`` is always kept: the ratios need it).
         compile_mode: "auto" (torch.compile'd naive on CUDA only), "on", "off".
         warmup, repeats, max_seconds: per implementation (defaults: 1, 3 quick / 5, 15 s quick / 60 s).
-        isolate: run each (op, shape) in a subprocess; default True on CPU, False on CUDA.
+        isolate: run each op family in a subprocess; default True on CPU, False on CUDA.
 
     Returns:
         Dicts with op, case, variant, impl, status ("ok" | "skipped" | "error"), reason, shape, N, V
@@ -187,10 +208,10 @@ def run_suite(
         family_shapes = _shapes_for(family, shapes, dev.type, quick)
         if not family_shapes:
             log(f"skip: {op}: no shape given as {'x'.join(family.shape_keys)} in --shapes")
+            continue
+        items, family_rows = [], []
         for shape in family_shapes:
-            cases = family.make_cases(shape, dtype, device)
-            pairs, shape_rows = [], []
-            for case in cases:
+            for case in family.make_cases(shape, dtype, device):
                 for impl in case.impls:
                     if impls and impl != NAIVE and impl not in impls:
                         continue
@@ -207,35 +228,24 @@ def run_suite(
                     if reasons[impl]:
                         row.update(status="skipped", reason=reasons[impl])
                     else:
-                        pairs.append((case.name, impl))
-                    shape_rows.append(row)
-            log(f"{op} {_shape_label(shape)} {dtype} {device}: {len(pairs)} measurements")
-            request = {"op": op, "shape": dict(shape), "dtype": dtype, "device": device, "pairs": pairs,
-                       "warmup": warmup, "repeats": repeats, "max_seconds": max_seconds}
-            if isolate:
-                records = _run_isolated(request, log)
-            else:
-                records = measure_pairs(op, shape, dtype, device, pairs, warmup=warmup, repeats=repeats,
-                                        max_seconds=max_seconds)
-            by_pair = {(r["case"], r["impl"]): r for r in records}
-            for row in shape_rows:
-                record = by_pair.get((row["case"], row["impl"]))
-                if record is not None:
-                    row.update({k: v for k, v in record.items() if k not in ("case", "impl")})
-                    _log_row(row, log)
-            _add_derived(shape_rows, bandwidth)
-            rows.extend(shape_rows)
+                        items.append((dict(case.shape), case.name, impl))
+                    family_rows.append(row)
+        log(f"{op} {dtype} {device}: {len(items)} measurements over {len(family_shapes)} shapes")
+        request = {"op": op, "dtype": dtype, "device": device, "items": items,
+                   "warmup": warmup, "repeats": repeats, "max_seconds": max_seconds}
+        if isolate:
+            records = _run_isolated(request, _progress(log), log)
+        else:
+            records = measure_pairs(op, dtype, device, items, warmup=warmup, repeats=repeats,
+                                    max_seconds=max_seconds, emit=_progress(log))
+        by_item = {_key(r["shape"], r["case"], r["impl"]): r for r in records}
+        for row in family_rows:
+            record = by_item.get(_key(row["shape"], row["case"], row["impl"]))
+            if record is not None:
+                row.update({k: v for k, v in record.items() if k not in ("shape", "case", "impl")})
+        _add_derived(family_rows, bandwidth)
+        rows.extend(family_rows)
     return rows
-
-
-def _log_row(row: dict[str, Any], log: Log) -> None:
-    if row["status"] != "ok":
-        if row["status"] == "error" or "reason" in row:
-            log(f"  {row['case']} {row['impl']}: {row['status']}: {row.get('reason', '')}")
-        return
-    peak = row.get("peak_extra_bytes")
-    memory = "n/a" if peak is None else f"{peak / 1e6:.1f} MB"
-    log(f"  {row['case']} {row['impl']}: {row['time_ms']:.2f} ms, peak extra {memory}")
 
 
 def environment(device: str = "cpu", command: Optional[str] = None) -> dict[str, Any]:
