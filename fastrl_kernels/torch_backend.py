@@ -32,12 +32,14 @@ def _shifted_into(x: torch.Tensor, z: torch.Tensor, params: CoreParams) -> tuple
     where it matters, whereas rounding k z to float32 first would cost ulp(|k z|) (5e-4 at 1e4).
     Under softcap |x| <= c / temperature, so x itself is formed and shifted.
     """
-    x.copy_(z)
     if params.softcap is None:
         k = params.logit_scale / params.temperature
-        z_max = x.amax(dim=1, keepdim=True)
-        x.sub_(z_max).mul_(k)
+        z_max = z.amax(dim=1, keepdim=True).float()
+        torch.sub(z, z_max, out=x)
+        if k != 1.0:
+            x.mul_(k)
         return z_max.double() * k, None
+    x.copy_(z)
     x.mul_(params.logit_scale / params.softcap).tanh_()
     tanh = x.clone()
     x.mul_(params.softcap / params.temperature)
@@ -52,13 +54,17 @@ def _minus_lse_into(x: torch.Tensor, z: torch.Tensor, lse: torch.Tensor, params:
     Without softcap, x - lse = k (z - c) - r with c = fp32(lse / k), r = lse - k c: z - c is exact
     for the lanes with non-negligible p (Sterbenz), so p keeps full precision at |z| = 1e4.
     """
-    x.copy_(z)
     if params.softcap is None:
         k = params.logit_scale / params.temperature
         c = (lse / k).float()
         r = (lse - c.double() * k).float()
-        x.sub_(c).mul_(k).sub_(r)
+        torch.sub(z, c, out=x)
+        if k != 1.0:
+            torch.add(-r, x, alpha=k, out=x)
+        else:
+            x.sub_(r)
         return None
+    x.copy_(z)
     x.mul_(params.logit_scale / params.softcap).tanh_()
     tanh = x.clone()
     x.mul_(params.softcap / params.temperature).sub_(lse.float())
@@ -89,8 +95,10 @@ def stats(
         x.clamp_(min=_MOST_NEGATIVE_SHIFT)
         torch.exp(x, out=e)
         s = e.sum(dim=1)
-        # Batched dot products: sum_j e_j (x_j - m) without an N x V temporary.
-        t = torch.bmm(e.unsqueeze(1), x.unsqueeze(2)).view(-1)
+        if with_log_sum_p2:
+            s2 = torch.linalg.vecdot(e, e)
+        # sum_j e_j (x_j - m) in place in e (no temporary; e is not needed afterwards).
+        t = e.mul_(x).sum(dim=1)
         log_s = s.log()
         mean_shifted = t / s
         m = row_max.view(-1)
@@ -99,7 +107,6 @@ def stats(
         lse[start:stop] = m + log_s.double()
         mean_x[start:stop] = m + mean_shifted.double()
         if with_log_sum_p2:
-            s2 = torch.bmm(e.unsqueeze(1), e.unsqueeze(2)).view(-1)
             log_sum_p2[start:stop] = s2.log() - 2.0 * log_s
     zero = torch.zeros((), dtype=torch.float32, device=device)
     logp.copy_(torch.where(valid, logp, zero))
@@ -129,20 +136,27 @@ def grad(
     g_h = g_entropy.unsqueeze(1)
     lse = stats.lse.double().unsqueeze(1)
     rows = rows_per_chunk(n_rows, vocab)
-    x_buf = torch.empty((rows, vocab), dtype=torch.float32, device=logits.device)
-    p_buf = torch.empty_like(x_buf)
+    # A float32 output is its own work buffer (one pass less); other dtypes go through x_buf.
+    work_in_out = out.dtype == torch.float32
+    x_buf = None if work_in_out else torch.empty((rows, vocab), dtype=torch.float32, device=logits.device)
+    p_buf = torch.empty((rows, vocab), dtype=torch.float32, device=logits.device)
     base_scale = params.logit_scale / params.temperature
     for start in range(0, n_rows, rows):
         stop = min(start + rows, n_rows)
-        x, p = x_buf[: stop - start], p_buf[: stop - start]
+        x = out[start:stop] if work_in_out else x_buf[: stop - start]
+        p = p_buf[: stop - start]
         tanh = _minus_lse_into(x, logits[start:stop], lse[start:stop], params)
         x.clamp_(min=_MOST_NEGATIVE_SHIFT)
         torch.exp(x, out=p)
-        x.mul_(g_h[start:stop]).add_(offset[start:stop]).mul_(p).neg_()
-        x.scatter_add_(1, safe_targets[start:stop], g_lp[start:stop].unsqueeze(1))
+        # (addcmul with broadcast [rows, 1] operands is several times slower than these two ops)
+        x.mul_(g_h[start:stop]).add_(offset[start:stop]).mul_(p)
         if tanh is None:
-            x.mul_(base_scale)
+            # scale folds in the sign: dL/dz = scale (g_lp 1[j=y] - p (g_lp + g_H (x - E)))
+            x.mul_(-base_scale)
+            x.scatter_add_(1, safe_targets[start:stop], base_scale * g_lp[start:stop].unsqueeze(1))
         else:
+            x.neg_().scatter_add_(1, safe_targets[start:stop], g_lp[start:stop].unsqueeze(1))
             x.mul_(tanh.mul_(tanh).neg_().add_(1.0).mul_(base_scale))
-        out[start:stop].copy_(x)
+        if not work_in_out:
+            out[start:stop].copy_(x)
     return out
