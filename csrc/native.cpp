@@ -5,7 +5,12 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <tuple>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "row_kernels.h"
 
@@ -184,7 +189,32 @@ at::Tensor grad(const at::Tensor& logits, const at::Tensor& targets, const at::T
 }  // namespace
 }  // namespace fastrl
 
+namespace fastrl {
+
+// A fresh N x V gradient buffer is first touched by pass 2; at 4 KiB pages that is one page fault per
+// 4 KiB (about 190 ms for 512 MiB on the reference machine, more than the pass itself). Asking for
+// transparent huge pages on the buffer's 2 MiB-aligned interior makes it 512x fewer faults. Advice only:
+// a kernel without THP (or "never") ignores it and nothing changes. Returns whether the call succeeded.
+bool advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + static_cast<uintptr_t>(t.numel()) * t.element_size();
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = end & ~(kHuge - 1);
+  if (last <= first) return false;
+  return madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE) == 0;
+#else
+  (void)t;
+  return false;
+#endif
+}
+
+}  // namespace fastrl
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("advise_huge_pages", &fastrl::advise_huge_pages,
+        "madvise(MADV_HUGEPAGE) on the 2 MiB-aligned interior of a fresh CPU buffer", py::arg("tensor"));
   m.doc() = "fastrl_kernels native CPU primitives: stats (pass 1) and grad (pass 2) over [N, V] logits";
   m.def("stats", &fastrl::stats, "Per-row logp, entropy, lse, mean_x [, log_sum_p2] ([N]; lse and mean_x float64)",
         py::arg("logits"), py::arg("targets"), py::arg("temperature"), py::arg("logit_scale"),

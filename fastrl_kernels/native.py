@@ -147,6 +147,10 @@ def _softcap_arg(params: CoreParams) -> float:
     return float(params.softcap)
 
 
+# Buffers from this size up are advised to use transparent huge pages (see csrc/native.cpp).
+_HUGE_PAGE_MIN_BYTES = 64 << 20
+
+
 def _rows_f32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32).contiguous()
 
@@ -195,6 +199,8 @@ def grad(
     module = load()
     if out is None:
         out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        if out.numel() * out.element_size() >= _HUGE_PAGE_MIN_BYTES:
+            module.advise_huge_pages(out)
     return module.grad(
         logits,
         targets.contiguous(),

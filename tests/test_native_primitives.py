@@ -271,3 +271,20 @@ def test_portable_scalar_build_matches_reference():
     )
     result = _run_python(code, FASTRL_NATIVE_ISA="generic")
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_large_fresh_gradient_buffer_on_huge_pages_matches_torch_backend():
+    # >= 64 MiB: native.grad advises transparent huge pages on its fresh output (a page-fault saving
+    # only); the values must be those of the portable backend.
+    from fastrl_kernels import torch_backend
+
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(2048, 8209, generator=g) * 4
+    targets = torch.randint(0, 8209, (2048,), generator=g)
+    params = CoreParams(temperature=0.9)
+    g_lp, g_entropy = torch.randn(2048, generator=g), torch.randn(2048, generator=g)
+    got = native.grad(logits, targets, native.stats(logits, targets, params), g_lp, g_entropy, params)
+    want = torch_backend.grad(logits, targets, torch_backend.stats(logits, targets, params), g_lp, g_entropy, params)
+    assert got.numel() * got.element_size() >= 64 << 20
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert isinstance(native.load().advise_huge_pages(got), bool)
