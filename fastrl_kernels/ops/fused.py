@@ -17,6 +17,7 @@ import torch
 
 from ..backends import primitives, resolve_backend
 from ..core import CoreParams
+from .logprobs import grad_from_upstream
 
 LossFn = Callable[..., "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
@@ -94,17 +95,8 @@ class _FusedLogitsLoss(torch.autograd.Function):
                     "fastrl_kernels fused loss: the returned logprobs/entropy were used in another loss, "
                     "which needs the logits, but inplace_grad=True overwrote them; use inplace_grad=False"
                 )
-            from ..core import CoreStats
-
-            zeros = torch.zeros_like(lse)
-            stats = CoreStats(zeros, zeros, lse, mean_x)
-            extra = primitives(spec.backend).grad(
-                logits,
-                targets,
-                stats,
-                grad_logp if grad_logp is not None else zeros,
-                grad_entropy if grad_entropy is not None else zeros,
-                spec.params,
+            extra = grad_from_upstream(
+                spec.backend, logits, targets, lse, mean_x, grad_logp, grad_entropy, spec.params
             )
             grad_logits = extra if grad_logits is None else grad_logits.add_(extra)
         input_grads = [

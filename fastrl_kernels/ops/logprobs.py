@@ -48,17 +48,30 @@ class _TokenLogprobs(torch.autograd.Function):
         logits, targets, lse, mean_x = ctx.saved_tensors
         if grad_logp is None and grad_entropy is None:
             return None, None, None, None
-        zeros = torch.zeros_like(lse)
-        stats = CoreStats(zeros, zeros, lse, mean_x)
-        grad = primitives(ctx.backend).grad(
-            logits,
-            targets,
-            stats,
-            grad_logp if grad_logp is not None else zeros,
-            grad_entropy if grad_entropy is not None else zeros,
-            ctx.params,
-        )
+        grad = grad_from_upstream(ctx.backend, logits, targets, lse, mean_x, grad_logp, grad_entropy, ctx.params)
         return grad, None, None, None
+
+
+def grad_from_upstream(
+    backend: str,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    mean_x: torch.Tensor,
+    grad_logp: Optional[torch.Tensor],
+    grad_entropy: Optional[torch.Tensor],
+    params: CoreParams,
+) -> torch.Tensor:
+    """Pass 2 with the upstream gradients of (logp, entropy) as coefficients (None = no gradient)."""
+    zeros = torch.zeros(lse.shape, dtype=torch.float32, device=lse.device)
+    return primitives(backend).grad(
+        logits,
+        targets,
+        CoreStats(zeros, zeros, lse, mean_x),
+        grad_logp if grad_logp is not None else zeros,
+        grad_entropy if grad_entropy is not None else zeros,
+        params,
+    )
 
 
 def token_logprobs(

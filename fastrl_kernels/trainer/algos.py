@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from ..config import PolicyLossConfig
+from ..integrations.distributed import global_normalizer
 from . import tasks as T
+from .dist import DistContext, ResponseModel, gather_objects, mean_metrics, rank_seed, wrap_ddp
 from .kernels import LossKernels, LossStepMemory
 from .model import TinyGPT, TinyGPTConfig
 
@@ -100,6 +102,33 @@ class Trainer:
         )
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.0)
         self.step = 0
+        # The gradient passes go through ``policy`` (the module DDP wraps in a data-parallel run).
+        self.policy = ResponseModel(self.model, self.prompt_len - 1)
+        self.dist = DistContext()
+        self._rank_rng: Optional[list] = None
+
+    def distribute(self, ctx: DistContext) -> None:
+        """Join a data-parallel job (after the warm-up or a checkpoint load): wrap the policy in DDP and
+        give every rank but 0 its own sampling stream (restored from the checkpoint when it has one)."""
+        if not ctx.active:
+            return
+        self.dist = ctx
+        self.policy = wrap_ddp(ResponseModel(self.model, self.prompt_len - 1), ctx, self.device)
+        if ctx.rank == 0:
+            return
+        if self._rank_rng is not None and len(self._rank_rng) == ctx.world:
+            torch_state, task_state = self._rank_rng[ctx.rank]
+            torch.set_rng_state(torch_state)
+            self.rng.setstate(task_state)
+        else:
+            seed = rank_seed(self.cfg.seed, ctx.rank, self.step)
+            torch.manual_seed(seed)
+            self.rng = random.Random(seed)
+
+    def _normalizer(self, mask: torch.Tensor) -> Optional[torch.Tensor]:
+        """Data-parallel: the global token count / world size, so DDP's averaged gradient is the
+        global token mean's; single process: None (the loss's own token count)."""
+        return global_normalizer(mask, "token-mean", average_grads=True) if self.dist.active else None
 
     # -- pieces shared by the algorithms ---------------------------------------------------------
 
@@ -184,7 +213,7 @@ class Trainer:
             raise RuntimeError("call warmup() (or load a checkpoint) before train_step()")
         metrics = {"grpo": self._grpo_step, "ppo": self._ppo_step, "dpo": self._dpo_step}[self.cfg.algo]()
         self.step += 1
-        return {"step": self.step, **metrics}
+        return {"step": self.step, **mean_metrics(metrics, self.dist)}
 
     def _policy_metrics(self, out, old_logp, ref_logp, mask) -> dict:
         logp = out.logprobs.detach()
@@ -206,15 +235,19 @@ class Trainer:
         return seq, targets, mask, rewards, old_logp, ref_logp
 
     def _grpo_step(self) -> dict:
-        seq, targets, mask, rewards, old_logp, ref_logp = self._rollout()
+        return self._grpo_update(*self._rollout())
+
+    def _grpo_update(self, seq, targets, mask, rewards, old_logp, ref_logp) -> dict:
+        """GRPO's optimizer step(s) on one rollout (``cfg.epochs`` passes); this rank's metrics."""
         adv = self.kernels.group_advantages(rewards, self.cfg.group_size)
+        norm = self._normalizer(mask)
         losses, peaks = [], []
         for _ in range(self.cfg.epochs):
-            _, logits = self._response(self.model, seq)
+            _, logits = self.policy(seq)
             out, peak = self._loss_backward(
                 logits,
                 lambda lg: self.kernels.policy_loss(
-                    lg, targets, old_logp, adv, mask, ref_logprobs=ref_logp, config=self.loss_cfg
+                    lg, targets, old_logp, adv, mask, ref_logprobs=ref_logp, config=self.loss_cfg, normalizer=norm
                 ),
             )
             losses.append(self._policy_metrics(out, old_logp, ref_logp, mask))
@@ -229,16 +262,17 @@ class Trainer:
         last = mask.sum(1) - 1
         token_rewards[torch.arange(seq.shape[0], device=seq.device), last] = rewards
         adv, returns = self.kernels.gae(token_rewards, old_values, mask, gamma=self.cfg.gamma, lam=self.cfg.lam)
+        norm = self._normalizer(mask)
         losses, peaks = [], []
         for _ in range(self.cfg.epochs):
-            h, logits = self._response(self.model, seq)
+            h, logits = self.policy(seq)
             vloss = self.kernels.value_loss(
-                self.model.values(h), old_values, returns, mask, clip=self.cfg.value_clip
+                self.model.values(h), old_values, returns, mask, clip=self.cfg.value_clip, normalizer=norm
             )
             out, peak = self._loss_backward(
                 logits,
                 lambda lg: self.kernels.policy_loss(
-                    lg, targets, old_logp, adv, mask, ref_logprobs=ref_logp, config=self.loss_cfg
+                    lg, targets, old_logp, adv, mask, ref_logprobs=ref_logp, config=self.loss_cfg, normalizer=norm
                 ),
                 extra=self.cfg.vf_coef * vloss,
             )
@@ -257,7 +291,8 @@ class Trainer:
         # DPO compares log-likelihoods at temperature 1; cfg.temperature only shapes the samples below.
         ref_seq = (self._logprobs(self.ref, seq, targets, temperature=1.0) * mask).sum(-1)
         b = len(problems)
-        _, logits = self._response(self.model, seq)
+        # Equal pair counts per rank: DDP's gradient average is the global pair mean's gradient.
+        _, logits = self.policy(seq)
         out, peak = self._loss_backward(
             logits,
             lambda lg: self.kernels.dpo_loss(lg, targets, mask, ref_seq[:b], ref_seq[b:], beta=self.cfg.beta),
@@ -292,7 +327,9 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {
+        """Model, reference, optimizer, step and random state; data-parallel: every rank's random
+        state too (a collective: call it on every rank)."""
+        state = {
             "config": self.cfg.to_dict(),
             "step": self.step,
             "model": self.model.state_dict(),
@@ -302,6 +339,10 @@ class Trainer:
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
             "task_rng": self.rng.getstate(),
         }
+        ranks = gather_objects((torch.get_rng_state(), self.rng.getstate()), self.dist)
+        if ranks is not None:
+            state["rank_rng"] = ranks
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
@@ -314,3 +355,4 @@ class Trainer:
         if state["cuda_rng"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.rng.setstate(state["task_rng"])
+        self._rank_rng = state.get("rank_rng")

@@ -2,6 +2,8 @@
 
 Writes ``DIR/log.jsonl``, ``DIR/summary.json``, ``DIR/curves.png`` and ``DIR/checkpoint.pt``
 (``DIR`` = ``--out``, default ``runs/<algo>``); ``--resume DIR`` continues a run to ``--steps``.
+Under ``torchrun --nproc-per-node N`` (``WORLD_SIZE`` > 1) it trains data-parallel with DDP: each rank
+samples ``--batch-size`` prompts of its own (global batch N x ``--batch-size``), rank 0 writes ``DIR``.
 """
 
 from __future__ import annotations
@@ -134,13 +136,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.save_every < 0:
         p.error(f"--save-every: expected an integer >= 0, got {args.save_every}")
     cfg, state, out = resolve(p, args)
+    from .dist import init_from_env, shutdown
     from .run import run
 
+    ctx = init_from_env(cfg.device)
     try:
-        summary = run(cfg, out, resume_state=state, progress=not args.no_progress, save_every=args.save_every)
+        summary = run(
+            cfg, out, resume_state=state, progress=not args.no_progress, save_every=args.save_every, ctx=ctx
+        )
     except RuntimeError as exc:  # e.g. --kernel fused without the package's ops, a backend not built
         print(f"fastrl-train: error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        shutdown(ctx)
+    if not ctx.is_main:
+        return 130 if summary["status"] == "interrupted" else 0
     keys = ("status", "steps_done", "wall_s", "reward_first10", "reward_last10", "reward_gain", "loss_peak_bytes_max")
     print(json.dumps({k: summary.get(k) for k in keys}))
     print(f"fastrl-train: wrote {out}/log.jsonl, summary.json, curves.png, checkpoint.pt", file=sys.stderr)

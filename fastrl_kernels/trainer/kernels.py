@@ -56,14 +56,18 @@ class LossKernels:
             return naive.token_logprobs(logits, targets, temperature)
         return self.fk.token_logprobs(logits, targets, temperature=temperature, backend=self.backend)
 
-    def policy_loss(self, logits, targets, old_logprobs, advantages, mask, *, ref_logprobs, config: PolicyLossConfig):
+    def policy_loss(
+        self, logits, targets, old_logprobs, advantages, mask, *, ref_logprobs, config: PolicyLossConfig,
+        normalizer: Optional[torch.Tensor] = None,
+    ):
         if self.fk is None:
             return naive.policy_loss(
-                logits, targets, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, config=config
+                logits, targets, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, config=config,
+                normalizer=normalizer,
             )
         return self.fk.policy_loss(
             logits, targets, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, config=config,
-            backend=self.backend,
+            normalizer=normalizer, backend=self.backend,
         )
 
     def group_advantages(self, rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -76,10 +80,12 @@ class LossKernels:
             return naive.gae(rewards, values, mask, gamma=gamma, lam=lam)
         return self.fk.gae(rewards, values, mask, gamma=gamma, lam=lam, whiten=False)
 
-    def value_loss(self, values, old_values, returns, mask, *, clip: Optional[float]):
+    def value_loss(self, values, old_values, returns, mask, *, clip: Optional[float], normalizer=None):
         if self.fk is None:
-            return naive.value_loss(values, old_values, returns, mask, clip=clip)
-        return self.fk.value_loss(values, old_values, returns, mask, clip=clip, loss_agg="token-mean")
+            return naive.value_loss(values, old_values, returns, mask, clip=clip, normalizer=normalizer)
+        return self.fk.value_loss(
+            values, old_values, returns, mask, clip=clip, loss_agg="token-mean", normalizer=normalizer
+        )
 
     def dpo_loss(self, logits, targets, mask, ref_chosen_logps, ref_rejected_logps, *, beta: float):
         if self.fk is None:

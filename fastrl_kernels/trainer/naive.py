@@ -38,9 +38,9 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     return logp, entropy
 
 
-def _token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _token_mean(values: torch.Tensor, mask: torch.Tensor, normalizer: Optional[torch.Tensor] = None) -> torch.Tensor:
     # An empty mask gives 0, not 0 / 0.
-    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+    return (values * mask).sum() / (mask.sum().clamp(min=1.0) if normalizer is None else normalizer)
 
 
 def policy_loss(
@@ -52,8 +52,10 @@ def policy_loss(
     *,
     ref_logprobs: Optional[torch.Tensor],
     config: PolicyLossConfig,
+    normalizer: Optional[torch.Tensor] = None,
 ) -> NaivePolicyLossOutput:
-    """PPO-clip per token, + kl_coef * k3(ref - logp) - entropy_coef * H, token-mean over ``mask``.
+    """PPO-clip per token, + kl_coef * k3(ref - logp) - entropy_coef * H, token-mean over ``mask``
+    (divided by ``normalizer`` instead of the token count when given: a global count across ranks).
 
     l = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A), r = exp(logp - old); ``advantages`` ``[B, T]``
     or ``[B]`` (one per sequence, broadcast over tokens).
@@ -79,7 +81,7 @@ def policy_loss(
         per_token = per_token + config.kl_coef * (torch.exp(k) - k - 1.0)
     if config.entropy_coef != 0.0:
         per_token = per_token - config.entropy_coef * entropy
-    loss = _token_mean(per_token, m)
+    loss = _token_mean(per_token, m, normalizer)
     metrics = {"ratio_mean": _token_mean(ratio.detach(), m)}
     return NaivePolicyLossOutput(loss, logp, entropy, metrics)
 
@@ -117,13 +119,15 @@ def value_loss(
     returns: torch.Tensor,
     mask: torch.Tensor,
     clip: Optional[float] = None,
+    normalizer: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """0.5 * max((v - R)^2, (v_clip - R)^2), v_clip = v_old + clip(v - v_old, -c, c); token-mean."""
+    """0.5 * max((v - R)^2, (v_clip - R)^2), v_clip = v_old + clip(v - v_old, -c, c); token-mean
+    (over ``normalizer`` tokens when given)."""
     loss = (values - returns) ** 2
     if clip is not None:
         v_clip = old_values + (values - old_values).clamp(-clip, clip)
         loss = torch.maximum(loss, (v_clip - returns) ** 2)
-    return 0.5 * _token_mean(loss, mask.float())
+    return 0.5 * _token_mean(loss, mask.float(), normalizer)
 
 
 def fused_dpo_loss(

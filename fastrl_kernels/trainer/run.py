@@ -3,6 +3,8 @@
 
 The first Ctrl-C finishes the current step, saves and stops; a second one stops at once (the log
 keeps every finished step; the checkpoint stays at its last save and ``resume`` drops later lines).
+Data-parallel (``ctx`` of ``trainer.dist``): every rank trains, rank 0 alone writes the directory and
+shows the progress bar; the log holds the metrics averaged over the ranks.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ import signal
 import statistics
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from .algos import TrainConfig, Trainer
+from .dist import DistContext, any_rank, gather_objects, parameter_digest
 
 LOG, SUMMARY, CURVES, CHECKPOINT = "log.jsonl", "summary.json", "curves.png", "checkpoint.pt"
 MEMORY_NOTE = (
@@ -66,8 +70,12 @@ class _StopRequest:
 
 
 def save_checkpoint(trainer: Trainer, out: Path) -> None:
+    """Called on every rank (the state gathers each rank's random state); rank 0 writes."""
+    state = trainer.state_dict()
+    if not trainer.dist.is_main:
+        return
     tmp = out / (CHECKPOINT + ".tmp")
-    torch.save(trainer.state_dict(), tmp)
+    torch.save(state, tmp)
     tmp.replace(out / CHECKPOINT)  # atomic: a stop during the save keeps the previous checkpoint
 
 
@@ -85,38 +93,50 @@ def run(
     resume_state: Optional[dict] = None,
     progress: bool = True,
     save_every: int = 50,
+    ctx: Optional[DistContext] = None,
 ) -> dict:
-    """Train ``cfg.steps`` steps in total (continuing from ``resume_state`` when given); return the summary."""
+    """Train ``cfg.steps`` steps in total (continuing from ``resume_state`` when given); return the summary.
+
+    ``ctx``: this process's rank in a data-parallel job (``dist.init_from_env``); None: a single process.
+    The warm-up runs identically on every rank (same seed and batches), then the policy is wrapped in DDP.
+    """
+    ctx = ctx or DistContext()
+    main = ctx.is_main
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     log_path = out / LOG
     start = time.perf_counter()
     trainer = Trainer(cfg)
     warmup_info = None
     if resume_state is not None:
         trainer.load_state_dict(resume_state)
-        kept = [r for r in read_log(log_path) if r.get("step", 0) <= trainer.step]
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        previous = out / SUMMARY
-        if previous.exists():
-            warmup_info = json.loads(previous.read_text()).get("warmup")
+        if main:
+            kept = [r for r in read_log(log_path) if r.get("step", 0) <= trainer.step]
+            log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            previous = out / SUMMARY
+            if previous.exists():
+                warmup_info = json.loads(previous.read_text()).get("warmup")
     else:
-        log_path.write_text("")
+        if main:
+            log_path.write_text("")
         warmup_info = {**trainer.warmup(), "seconds": time.perf_counter() - start}
+    trainer.distribute(ctx)
     first_step = trainer.step
     status = "finished"
     last_saved = None if resume_state is None else trainer.step
-    bar = _progress_bar(cfg, trainer.step, progress)
+    bar = _progress_bar(cfg, trainer.step, progress and main)
     try:
-        with _StopRequest() as stop, log_path.open("a") as log:
+        with _StopRequest() as stop, (log_path.open("a") if main else nullcontext()) as log:
             recent: list = []
             while trainer.step < cfg.steps:
                 t0 = time.perf_counter()
                 record = trainer.train_step()
                 record["step_s"] = time.perf_counter() - t0
                 record["elapsed_s"] = time.perf_counter() - start
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+                if log is not None:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
                 recent = (recent + [record["reward"]])[-10:]
                 if bar is not None:
                     bar.update(1)
@@ -127,7 +147,7 @@ def run(
                 if save_every and trainer.step % save_every == 0:
                     save_checkpoint(trainer, out)
                     last_saved = trainer.step
-                if stop.requested:
+                if any_rank(stop.requested, ctx):
                     status = "stopped"
                     break
     except KeyboardInterrupt:
@@ -138,7 +158,17 @@ def run(
     # After a hard interrupt the model may be half-updated: keep the last consistent checkpoint.
     if status != "interrupted" and trainer.step != last_saved:
         save_checkpoint(trainer, out)
-    summary = write_summary(out, cfg, trainer, status, warmup_info, time.perf_counter() - start, first_step)
+    digests = gather_objects(parameter_digest(trainer.model), ctx)
+    if not main:
+        return {"status": status, "steps_done": trainer.step}
+    extra = None
+    if ctx.active:
+        # Bit-identical weights on all ranks is DDP's invariant; the digests let a run show it.
+        extra = {"world_size": ctx.world, "global_batch_size": cfg.batch_size * ctx.world,
+                 "param_sha1_per_rank": digests}
+    summary = write_summary(
+        out, cfg, trainer, status, warmup_info, time.perf_counter() - start, first_step, extra=extra
+    )
     try:
         from .plot import plot_curves
 
@@ -166,7 +196,7 @@ def _title(cfg: TrainConfig, backend: str) -> str:
     return f"{cfg.algo} on '{cfg.task}' ({cfg.digits} digits), kernel={cfg.kernel} ({backend}), {cfg.device}"
 
 
-def write_summary(out, cfg, trainer, status, warmup_info, wall_s, first_step) -> dict:
+def write_summary(out, cfg, trainer, status, warmup_info, wall_s, first_step, extra=None) -> dict:
     rows = read_log(Path(out) / LOG)
     rewards = [r["reward"] for r in rows]
     peaks = [r["loss_peak_bytes"] for r in rows]
@@ -187,6 +217,7 @@ def write_summary(out, cfg, trainer, status, warmup_info, wall_s, first_step) ->
         "loss_peak_bytes_mean": _mean(peaks),
         "memory_note": MEMORY_NOTE,
         "torch": torch.__version__,
+        **(extra or {}),
     }
     if cfg.algo == "dpo" and rows:
         summary["accuracy_last10"] = _mean([r["accuracy"] for r in rows[-10:]])
