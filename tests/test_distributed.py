@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 
 import fastrl_kernels as fk
 from fastrl_kernels.integrations.distributed import global_normalizer
+from tests.docs_examples import doc_example
 
 WORLD, BATCH, LENGTH, HIDDEN, VOCAB = 2, 6, 5, 8, 37
 MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "dapo", "sum"]
@@ -114,17 +115,6 @@ def test_not_initialised_is_local():
     assert global_normalizer(mask, "sum", average_grads=True).item() == 1.0
     with pytest.raises(ValueError, match="loss_agg"):
         global_normalizer(mask, "mean")
-
-
-def doc_example(name: str) -> str:
-    """The python block after ``<!-- example: name -->`` in docs/integrations.md."""
-    import pathlib
-    import re
-
-    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text()
-    match = re.search(rf"<!-- example: {name} -->\s*```python\n(.*?)```", text, re.S)
-    assert match, f"no example {name!r} in docs/integrations.md"
-    return match.group(1)
 
 
 def test_docs_example():

@@ -15,6 +15,7 @@ import torch
 trl = pytest.importorskip("trl", reason="TRL integration tests need `pip install trl==1.16.0`")
 
 from fastrl_kernels.integrations import trl as fk_trl  # noqa: E402
+from tests.docs_examples import doc_example  # noqa: E402
 
 VOCAB, BATCH, PROMPT, COMPLETION = 300, 4, 5, 7
 
@@ -205,17 +206,6 @@ def test_patch_grpo_trainer(trainer):
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="path"):
         fk_trl.patch_grpo_trainer(plain, path="fast")
-
-
-def doc_example(name: str) -> str:
-    """The python block after ``<!-- example: name -->`` in docs/integrations.md."""
-    import pathlib
-    import re
-
-    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text()
-    match = re.search(rf"<!-- example: {name} -->\s*```python\n(.*?)```", text, re.S)
-    assert match, f"no example {name!r} in docs/integrations.md"
-    return match.group(1)
 
 
 def test_docs_example(trainer):

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from fastrl_kernels.integrations import verl as fk_verl
+from tests.docs_examples import doc_example
 
 MODES = ["vanilla", "gspo", "sapo", "cispo"]
 AGGS = ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
@@ -144,17 +145,6 @@ def test_bad_names():
         fk_verl.make_policy_loss_fn("clip_cov")
     with pytest.raises(ValueError, match="loss_agg_mode"):
         fk_verl.policy_config(None, "vanilla", "mean")
-
-
-def doc_example(name: str) -> str:
-    """The python block after ``<!-- example: name -->`` in docs/integrations.md."""
-    import pathlib
-    import re
-
-    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text()
-    match = re.search(rf"<!-- example: {name} -->\s*```python\n(.*?)```", text, re.S)
-    assert match, f"no example {name!r} in docs/integrations.md"
-    return match.group(1)
 
 
 def test_docs_example():
