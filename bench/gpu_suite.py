@@ -381,7 +381,40 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--skip-tests", action="store_true", help="do not run pytest -m triton first")
     parser.add_argument("--test-timeout", type=int, default=300)
     parser.add_argument("--sweep", action="store_true", help="also time LaunchConfig alternatives per shape")
+    parser.add_argument(
+        "--skip-ops", action="store_true", help="do not run the package-op suite (policy_loss, lm_head path)"
+    )
     return parser.parse_args(argv)
+
+
+# The issue goals on an H100: the fused policy loss at N=8192, V=151936 and the lm_head path with the
+# Qwen2.5-0.5B, Qwen2.5-7B and Llama-3-8B heads, bf16, through the shared suite of fastrl_kernels.benchmarks.
+PACKAGE_OPS = (
+    ("policy_loss", ["8192x151936", "16384x151936", "8192x128256"]),
+    ("linear_policy_loss", ["8192x151936x896", "8192x152064x3584", "8192x128256x4096", "16384x128256x4096"]),
+)
+
+
+def run_package_ops(out: Path) -> dict:
+    """fastrl-bench's runner on CUDA for the package's fused ops vs naive / compiled naive / peers."""
+    from fastrl_kernels.benchmarks import report as bench_report
+    from fastrl_kernels.benchmarks.runner import environment, run_suite
+
+    rows: list = []
+    errors: dict = {}
+    for op, shapes in PACKAGE_OPS:
+        try:
+            rows += run_suite(device="cuda", ops=[op], shapes=shapes, dtype="bfloat16")
+        except Exception as error:  # recorded, the remaining ops still run
+            errors[op] = f"{type(error).__name__}: {error}"
+            print(f"package ops {op}: {errors[op]}", flush=True)
+    meta = environment("cuda", command=shlex.join([sys.executable, *sys.argv]))
+    if rows and "copy_gbps" in rows[0]:
+        meta["copy_gbps"] = rows[0]["copy_gbps"]
+    if rows:
+        bench_report.write_json(rows, meta, out / "package_ops.json")
+        bench_report.write_markdown(rows, meta, out / "package_ops.md")
+    return {"rows": len(rows), "errors": errors, "json": str(out / "package_ops.json")}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -424,6 +457,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             r = results[-1]
             print(f"  {case.name} N={n} V={v}: {r['status']} {r.get('time_ms', '')}", flush=True)
     report["results"] = results
+    if not args.skip_ops:
+        report["package_ops"] = run_package_ops(args.out)
     if args.sweep:
         report["sweep"] = [row for n, v in shapes for row in sweep_launches(n, v, args)]
     (args.out / "results.json").write_text(json.dumps(report, indent=2))
