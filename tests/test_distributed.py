@@ -61,6 +61,8 @@ def _rank_main(rank: int, port: int, results) -> None:
                 dist.all_gather(logits_grads, logits.grad.contiguous())
                 if rank == 0:
                     results[(mode, average)] = (total, grad, torch.cat(logits_grads))
+        # Neither rank tears gloo down while the other may still talk to it (an abort at exit otherwise).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -115,6 +115,7 @@ def _rank_worker(rank: int, world: int, init_file: str, folder: str) -> None:
         run(dataclasses.replace(cfg, steps=3), Path(folder) / "part", progress=False, ctx=ctx)
         state = load_checkpoint(Path(folder) / "part")
         run(cfg, Path(folder) / "part", resume_state=state, progress=False, ctx=ctx)
+        dist.barrier()  # neither rank tears gloo down while the other may still talk to it
     finally:
         dist.destroy_process_group()
 
