@@ -9,12 +9,16 @@ if not torch.cuda.is_available():
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+# Not derandomized: every run draws new examples, so the suite explores more over time. A failure
+# prints the seed (`--hypothesis-seed=N` reproduces it) and the example blob, and failing examples are
+# kept in the local example database (.hypothesis/) and replayed first on the next run.
 settings.register_profile(
     "ci",
     deadline=None,
     max_examples=25,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    derandomize=True,
+    derandomize=False,
+    print_blob=True,
 )
 settings.register_profile("dev", deadline=None, max_examples=10, suppress_health_check=list(HealthCheck))
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -391,9 +391,10 @@ def test_policy_loss_shapes_and_ignore_index():
 
 def test_tolerances_follow_the_spec():
     assert tolerances(torch.float32) == {"rtol": 1e-5, "atol": 1e-6}
-    assert tolerances(torch.float64, "grad") == {"rtol": 1e-4, "atol": 1e-5}
+    assert tolerances(torch.float64, "grad") == {"rtol": 1e-4, "row_atol": 1e-5, "tensor_atol": 1e-6, "atol": 0.0}
     assert tolerances(torch.bfloat16) == {"rtol": 1e-3, "atol": 1e-3}
-    assert tolerances(torch.float16, "grad") == {"rtol": 2e-2, "atol": 1e-3}
+    assert tolerances(torch.bfloat16, "grad") == {"rtol": 2e-2, "row_atol": 4e-3, "tensor_atol": 1e-4, "atol": 0.0}
+    assert tolerances(torch.float16, "grad")["atol"] == 2.0**-24
     with pytest.raises(ValueError, match="kind"):
         tolerances(torch.float32, "backward")
 
@@ -406,3 +407,40 @@ def test_assert_close_to_reference_names_the_value():
     assert_close_to_reference(expected + 1e-3, expected, dtype=torch.bfloat16, name="logp")
     with pytest.raises(AssertionError, match="entropy"):
         assert_close_to_reference(t64([float("nan"), 2.0]), expected, dtype=torch.float32, name="entropy")
+
+
+def test_gradient_tolerance_scales_with_the_row_and_catches_small_wrong_terms():
+    g = torch.Generator().manual_seed(0)
+    # A gradient row like p/N: elements ~1e-6, far below an absolute 1e-5 tolerance.
+    expected = torch.softmax(torch.randn(4, 50, generator=g, dtype=torch.float64), -1) * 1e-4
+    assert_close_to_reference(expected * (1 + 1e-6), expected, dtype=torch.float32, kind="grad")
+    with pytest.raises(AssertionError, match="grad row"):
+        assert_close_to_reference(expected * 2, expected, dtype=torch.float32, kind="grad", name="grad row")
+    with pytest.raises(AssertionError, match="out of tolerance"):
+        assert_close_to_reference(-expected, expected, dtype=torch.float32, kind="grad")
+    # One row 1e3 smaller than the others is still checked on its own scale.
+    wrong = expected.clone()
+    expected[2] *= 1e-3
+    wrong[2] = expected[2] * 1.5
+    with pytest.raises(AssertionError, match=r"worst at \[2, "):
+        assert_close_to_reference(wrong, expected, dtype=torch.float32, kind="grad")
+
+
+def test_row_scale_admits_the_cancellation_float32_cannot_avoid():
+    # 1 - p_y with p_y = 1 - 1e-12: float32 gives 0; the terms of the row are of size |g_lp| = 1.
+    expected = t64([[-1e-12, 1e-12]])
+    actual = torch.zeros(1, 2)
+    with pytest.raises(AssertionError):
+        assert_close_to_reference(actual, expected, dtype=torch.float32, kind="grad")
+    assert_close_to_reference(actual, expected, dtype=torch.float32, kind="grad", row_scale=t64([1.0]))
+    with pytest.raises(AssertionError):
+        assert_close_to_reference(t64([[-1e-12, 1e-4]]), expected, dtype=torch.float32, kind="grad",
+                                  row_scale=t64([1.0]))
+
+
+def test_infinities_and_nans_must_match_in_place():
+    assert_close_to_reference(t64([float("-inf"), 1.0]), t64([float("-inf"), 1.0]), dtype=torch.float32)
+    with pytest.raises(AssertionError, match="inf mismatch"):
+        assert_close_to_reference(t64([float("inf"), 1.0]), t64([float("-inf"), 1.0]), dtype=torch.float32)
+    with pytest.raises(AssertionError, match="NaN mismatch"):
+        assert_close_to_reference(t64([1.0, 1.0]), t64([float("nan"), 1.0]), dtype=torch.float32)

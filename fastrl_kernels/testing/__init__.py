@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .asserts import assert_close_to_reference, tolerances
+from .asserts import assert_close_to_reference, coefficient_scale, tolerances
 
 _STRATEGIES = (
     "core_inputs",
@@ -23,7 +23,7 @@ _STRATEGIES = (
     "vocab_sizes",
 )
 
-__all__ = ["assert_close_to_reference", "tolerances", "strategies", *_STRATEGIES]
+__all__ = ["assert_close_to_reference", "coefficient_scale", "tolerances", "strategies", *_STRATEGIES]
 
 
 def __getattr__(name: str) -> Any:
