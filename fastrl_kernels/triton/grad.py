@@ -105,6 +105,21 @@ def _grad_kernel(
         tl.store(out_base[:, None] + cols[None, :], g.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# What each argument of _grad_kernel is, for compiling it ahead of time (triton/inspect.py).
+_GRAD_ARG_KINDS = {
+    "logits_ptr": "logits*", "targets_ptr": "i64*", "c_ptr": "fp32*", "r_ptr": "fp32*", "h_ptr": "fp32*",
+    "g_lp_ptr": "fp32*", "g_entropy_ptr": "fp32*", "out_ptr": "logits*", "n_rows": "i32", "vocab": "i32",
+    "stride_row": "i32", "stride_out_row": "i32", "w_sign": "fp32", "k": "fp32", "cap_in": "fp32",
+    "cap_out": "fp32", "dx_dz": "fp32", "ignore_index": "i32",
+}
+
+
+def grad_kernel_variant(has_softcap: bool, launch: LaunchConfig, vocab: int):
+    """(kernel, argument kinds, compile-time constants) of the launch ``grad`` makes for these options."""
+    constexprs = {"HAS_SOFTCAP": has_softcap, "ROWS": launch.rows, "BLOCK_V": launch.block_v}
+    return _grad_kernel, _GRAD_ARG_KINDS, constexprs
+
+
 def lse_split(stats: CoreStats, k: float) -> list[torch.Tensor]:
     """Per-row float32 (c, r, h): lse = c k + r with c = fp32(lse / k), and h = lse - E_p[x]."""
     lse = stats.lse.to(torch.float64)

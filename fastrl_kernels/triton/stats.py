@@ -92,6 +92,21 @@ def _stats_kernel(
         tl.store(out_ptr + 5 * n_rows + rows, tl.log(q) - 2.0 * log_s, mask=row_ok)
 
 
+# What each argument of _stats_kernel is, for compiling it ahead of time (triton/inspect.py):
+# "logits*" a pointer of the logits' dtype, "<type>*" other pointers, scalars by Triton type.
+_STATS_ARG_KINDS = {
+    "logits_ptr": "logits*", "targets_ptr": "i64*", "out_ptr": "fp32*", "n_rows": "i32", "vocab": "i32",
+    "stride_row": "i32", "w_sign": "fp32", "k": "fp32", "cap_in": "fp32", "cap_out": "fp32", "ignore_index": "i32",
+}
+
+
+def stats_kernel_variant(has_softcap: bool, with_log_sum_p2: bool, launch: LaunchConfig, vocab: int):
+    """(kernel, argument kinds, compile-time constants) of the launch ``stats`` makes for these options."""
+    constexprs = {"HAS_SOFTCAP": has_softcap, "WITH_LOG_SUM_P2": with_log_sum_p2, "ROWS": launch.rows,
+                  "BLOCK_V": launch.block_v}
+    return _stats_kernel, _STATS_ARG_KINDS, constexprs
+
+
 def stats(
     logits: torch.Tensor,
     targets: torch.Tensor,
