@@ -15,9 +15,13 @@ from hypothesis import strategies as st
 from ..config import ENTROPY_MODES, KL_ESTIMATORS, LOSS_AGG_ALIASES, LOSS_AGG_MODES, POLICY_LOSS_TYPES, PolicyLossConfig
 from ..reference.logprobs import token_logprobs
 
-# 1, 2, 3 are degenerate vocabularies; the primes straddle block sizes (1024) and powers of two.
-SPECIAL_VOCABS = (1, 2, 3, 31, 997, 1009, 2999)
+# 1, 2, 3 are degenerate vocabularies; the primes straddle block sizes (1024) and powers of two, 2047 and
+# 2049 the native kernel's vocabulary block (2048).
+SPECIAL_VOCABS = (1, 2, 3, 31, 997, 1009, 2047, 2049, 2999)
 LOGIT_KINDS = ("normal", "peaked", "flat", "all_equal", "all_negative", "huge")
+# The kinds whose rows have spread (p is not uniform); "flat" and "all_equal" make every row uniform,
+# where a wrong gradient or a wrong logit transform can still give the right answer.
+SPREAD_KINDS = ("normal", "peaked", "all_negative", "huge")
 MASK_KINDS = ("ones", "zeros", "random", "single", "right_padded")
 IGNORE_INDEX = -100
 
@@ -27,10 +31,10 @@ def seeds() -> st.SearchStrategy[int]:
     return st.integers(0, 2**31 - 1)
 
 
-def vocab_sizes(max_vocab: int = 3000) -> st.SearchStrategy[int]:
-    """Vocabulary sizes in [1, max_vocab], often one of ``SPECIAL_VOCABS``."""
-    special = [v for v in SPECIAL_VOCABS if v <= max_vocab]
-    return st.one_of(st.sampled_from(special), st.integers(1, max_vocab))
+def vocab_sizes(max_vocab: int = 3000, min_vocab: int = 1) -> st.SearchStrategy[int]:
+    """Vocabulary sizes in [min_vocab, max_vocab], often one of ``SPECIAL_VOCABS``."""
+    special = [v for v in SPECIAL_VOCABS if min_vocab <= v <= max_vocab]
+    return st.one_of(st.sampled_from(special), st.integers(min_vocab, max_vocab))
 
 
 def logit_kinds(kinds: Sequence[str] = LOGIT_KINDS) -> st.SearchStrategy[str]:
@@ -96,29 +100,37 @@ def core_inputs(
     max_vocab: int = 3000,
     dtypes: Sequence[torch.dtype] = (torch.float32,),
     with_ignore: bool = True,
-    kinds: Sequence[str] = LOGIT_KINDS,
+    kinds: Sequence[str] = SPREAD_KINDS,
+    min_vocab: int = 2,
+    ignore_indices: Sequence[int] = (IGNORE_INDEX,),
 ) -> dict:
     """Keyword arguments of the core op: ``dict(logits [N, V], targets [N] int64, temperature,
-    logit_scale, softcap)``; with ``with_ignore`` some draws mark ~25% of the rows ``-100``.
+    logit_scale, softcap, ignore_index)``.
+
+    Logits of the ``kinds`` (default: only rows with spread; the uniform "flat" / "all_equal" rows and
+    V = 1 belong in deterministic tests) and V in [min_vocab, max_vocab]. ``ignore_index`` is drawn from
+    ``ignore_indices``; with ``with_ignore`` some draws set ~25% of the targets to it.
 
     ``reference.token_logprobs(**inputs)`` and the backends' ``token_logprobs(**inputs)`` accept it as is.
     """
     rows = draw(st.integers(1, max_rows))
-    vocab = draw(vocab_sizes(max_vocab))
+    vocab = draw(vocab_sizes(max_vocab, min_vocab))
     kind = draw(logit_kinds(kinds))
     dtype = draw(st.sampled_from(tuple(dtypes)))
     seed = draw(seeds())
+    ignore_index = draw(st.sampled_from(tuple(ignore_indices)))
     logits = make_logits(kind, (rows, vocab), seed, dtype)
     g = torch.Generator().manual_seed(seed + 1)
     targets = torch.randint(0, vocab, (rows,), generator=g)
     if with_ignore and draw(st.booleans()):
-        targets = targets.masked_fill(torch.rand(rows, generator=g) < 0.25, IGNORE_INDEX)
+        targets = targets.masked_fill(torch.rand(rows, generator=g) < 0.25, ignore_index)
     return {
         "logits": logits,
         "targets": targets,
         "temperature": draw(st.sampled_from((1.0, 0.7, 0.5, 1.5)) | st.floats(0.25, 4.0)),
         "logit_scale": draw(st.sampled_from((1.0, 1.0, 0.5, 2.0))),
         "softcap": draw(st.sampled_from((None, None, 30.0, 5.0))),
+        "ignore_index": ignore_index,
     }
 
 
