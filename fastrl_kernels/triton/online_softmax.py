@@ -6,10 +6,13 @@ Both kernels see a row of logits z through the transform of ``CoreParams``:
     x = logit_scale * z / temperature                     without
 
 and walk the vocabulary in blocks of ``BLOCK_V`` lanes. Inside a kernel a row is held as
-``w`` with ``x = w * k``: without softcap w = sign(logit_scale) * z and k = |logit_scale| / temperature,
-so the running max and every shift ``(w - m) * k`` are taken on the raw logits (z_y - max z is exact
-in float32, fl(z * k) at |z| = 1e4 is not); with softcap w = x and k = 1. Lanes past V and logits of
--inf are dead: they hold w = -inf and contribute 0 through ``tl.where`` (never 0 * -inf).
+``w`` with ``x = w * k``: without softcap w = z (or -z for a negative logit_scale, a compile-time
+flag) and k = |logit_scale| / temperature, so the running max and every shift ``(w - m) * k`` are
+taken on the raw logits (z_y - max z is exact in float32, fl(z * k) at |z| = 1e4 is not); with
+softcap w = x and k = 1. Shifts are in base-2 units (exp2 is one instruction, exp is two). Lanes past
+V and logits of -inf are dead: w = -inf, their shift is clamped to ``DEAD_SHIFT`` so they contribute
+exactly 0 (never 0 * -inf). With one row per program, a row is walked as an aligned head, unmasked
+full blocks (the hot loop: vector loads, no per-element select) and a masked tail.
 """
 
 from __future__ import annotations
@@ -56,35 +59,61 @@ def softcap_tanh(u):
     return tl.where(u < 0.0, -mag, mag), sech2
 
 
+# 2^-16384 is 0 in float32: a shift clamped here gives e = 0 and keeps e * d finite (d = -inf for a
+# logit of -inf would make it 0 * -inf = NaN). One max per element instead of selects on a mask.
+DEAD_SHIFT = tl.constexpr(-16384.0)
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
 @triton.jit
-def softmax_input(z, w_sign, cap_in, cap_out, HAS_SOFTCAP: tl.constexpr):
-    """w of float32 logits z (module docstring): ``cap_out * tanh(cap_in * z)`` or ``w_sign * z``."""
+def softmax_input(z, cap_in, cap_out, NEGATE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """w of float32 logits z (module docstring): ``cap_out * tanh(cap_in * z)``, ``-z`` or ``z``."""
     if HAS_SOFTCAP:
         th, _ = softcap_tanh(z * cap_in)
         return cap_out * th
+    elif NEGATE:
+        return -z
     else:
-        return z * w_sign
+        return z
 
 
 @triton.jit
-def online_softmax_update(m, s, t, q, w, k, WITH_SQUARES: tl.constexpr):
+def load_w(ptrs, mask, cap_in, cap_out, NEGATE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
+    """w of one block of logits as float32; with ``MASKED``, lanes outside ``mask`` are dead (w = -inf).
+
+    The unmasked form is the hot loop's: a plain vector load, no select per element."""
+    if MASKED:
+        z = tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32)
+        w = softmax_input(z, cap_in, cap_out, NEGATE, HAS_SOFTCAP)
+        if HAS_SOFTCAP or NEGATE:
+            # tanh(-inf) = -1 and -(-inf) = +inf would bring dead lanes back to life.
+            w = tl.where(mask, w, float("-inf"))
+    else:
+        z = tl.load(ptrs).to(tl.float32)
+        w = softmax_input(z, cap_in, cap_out, NEGATE, HAS_SOFTCAP)
+    return w
+
+
+@triton.jit
+def online_softmax_update(m, s, t, q, w, k2, WITH_SQUARES: tl.constexpr):
     """Fold one block ``w`` [ROWS, BLOCK_V] (dead lanes = -inf) into the running row statistics.
 
-    Per row, relative to the running max m (in w units, -inf before any live lane):
-        s = sum_j e^{d_j},  t = sum_j e^{d_j} d_j,  q = sum_j e^{2 d_j},  d_j = (w_j - m) k = x_j - max x.
-    When the max moves m -> m', with a = e^{(m - m') k} and block sums taken against m':
-        s' = a s + s_blk,  t' = a (t + s (m - m') k) + t_blk,  q' = a^2 q + q_blk.
-    (t: every old d_j gains (m - m') k.) q is only accumulated when WITH_SQUARES; returns (m', s', t', q').
+    Per row, in base-2 units relative to the running max m (in w units, -inf before any live lane):
+        s = sum_j 2^{d_j},  t = sum_j 2^{d_j} d_j,  q = sum_j 2^{2 d_j},  d_j = (w_j - m) k2,
+    k2 = k log2(e), so d_j = (x_j - max x) log2(e) and 2^{d_j} = e^{x_j - max x}. When the max moves
+    m -> m', with a = 2^{dm}, dm = (m - m') k2, and block sums taken against m':
+        s' = a s + s_blk,  t' = a (t + s dm) + t_blk,  q' = a^2 q + q_blk.
+    w - m is exact for every lane whose 2^d is not negligible (both are raw logits within a factor
+    of two), which keeps p accurate at |z| = 1e4. Per element: max, sub, mul, max, exp2, add, fma.
     """
     m_new = tl.maximum(m, tl.max(w, axis=1))
     # A row with no live lane yet keeps m' = -inf; shift it by 0 so no -inf - -inf appears.
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    live = w > float("-inf")
-    d = tl.where(live, (w - m_ref[:, None]) * k, 0.0)
-    e = tl.where(live, tl.exp(d), 0.0)
-    seen = m > float("-inf")
-    dm = tl.where(seen, (m - m_ref) * k, 0.0)
-    a = tl.where(seen, tl.exp(dm), 0.0)
+    d = tl.maximum((w - m_ref[:, None]) * k2, DEAD_SHIFT)
+    e = tl.exp2(d)
+    dm = tl.maximum((m - m_ref) * k2, DEAD_SHIFT)
+    a = tl.exp2(dm)
     s_new = a * s + tl.sum(e, axis=1)
     t_new = a * (t + s * dm) + tl.sum(e * d, axis=1)
     if WITH_SQUARES:
@@ -94,24 +123,38 @@ def online_softmax_update(m, s, t, q, w, k, WITH_SQUARES: tl.constexpr):
     return m_new, s_new, t_new, q_new
 
 
+@triton.jit
+def aligned_head(row_offset, vocab, ALIGN: tl.constexpr):
+    """Lanes before the first column whose flat offset is a multiple of ``ALIGN`` (at most vocab).
+
+    A row of V % 16 != 0 logits starts anywhere; peeling these lanes lets every later block start
+    on a 16-element boundary, so the hot loop keeps 128-bit loads and stores."""
+    return tl.minimum((ALIGN - row_offset % ALIGN) % ALIGN, vocab)
+
+
 @dataclass(frozen=True)
 class TransformScalars:
     """Runtime float32 scalars of the transform (never constexpr: no recompile per value)."""
 
     has_softcap: bool
-    w_sign: float  # sign(logit_scale) without softcap
+    negate: bool  # logit_scale < 0 without softcap: w = -z (a compile-time flag, not a value)
     k: float  # |logit_scale| / temperature without softcap, 1 with
     cap_in: float  # logit_scale / c
     cap_out: float  # c / temperature
     dx_dz: float  # logit_scale / temperature (times 1 - tanh^2 under softcap)
 
+    @property
+    def k2(self) -> float:
+        """k log2(e): the kernels' shifts are in base-2 units (exp2 is one instruction)."""
+        return self.k * LOG2E.value
+
 
 def transform_scalars(params: CoreParams) -> TransformScalars:
     scale, tau = float(params.logit_scale), float(params.temperature)
     if params.softcap is None:
-        return TransformScalars(False, -1.0 if scale < 0 else 1.0, abs(scale) / tau, 1.0, 1.0, scale / tau)
+        return TransformScalars(False, scale < 0, abs(scale) / tau, 1.0, 1.0, scale / tau)
     cap = float(params.softcap)
-    return TransformScalars(True, 1.0, 1.0, scale / cap, cap / tau, scale / tau)
+    return TransformScalars(True, False, 1.0, scale / cap, cap / tau, scale / tau)
 
 
 @dataclass(frozen=True)

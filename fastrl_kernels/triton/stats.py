@@ -10,10 +10,13 @@ import triton.language as tl
 
 from ..core import CoreParams, CoreStats
 from .online_softmax import (
+    LN2,
     LaunchConfig,
+    aligned_head,
     check_launch,
     check_logits,
     device_guard,
+    load_w,
     online_softmax_update,
     softmax_input,
     transform_scalars,
@@ -28,11 +31,11 @@ def _stats_kernel(
     n_rows,
     vocab,
     stride_row,
-    w_sign,
-    k,
+    k2,
     cap_in,
     cap_out,
     ignore_index,
+    NEGATE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     WITH_LOG_SUM_P2: tl.constexpr,
     ROWS: tl.constexpr,
@@ -40,15 +43,15 @@ def _stats_kernel(
 ):
     """Rows [pid * ROWS, pid * ROWS + ROWS) of logits -> out[f, row] for the fields f below.
 
-    With x = w k (see online_softmax), m = max_j w_j and, accumulated online over vocab blocks,
-    s = sum_j e^{(w_j - m) k}, t = sum_j e^{(w_j - m) k} (w_j - m) k, q = sum_j e^{2 (w_j - m) k}:
+    With x = w k (see online_softmax), m = max_j w_j and, accumulated online over vocab blocks in
+    base-2 units, s = sum_j 2^{d_j}, t = sum_j 2^{d_j} d_j, q = sum_j 2^{2 d_j}, d_j = (w_j - m) k2:
 
-        out[0] logp       = (w_y - m) k - log s          (0 where y == ignore_index)
-        out[1] entropy    = log s - t / s                (0 where y == ignore_index)
+        out[0] logp       = ln2 ((w_y - m) k2 - log2 s)        (0 where y == ignore_index)
+        out[1] entropy    = ln2 (log2 s - t / s)                (0 where y == ignore_index)
         out[2] m          (the launcher forms lse = m k + log s in float64)
-        out[3] log s
-        out[4] t / s      (the launcher forms mean_x = E_p[x] = m k + t / s in float64)
-        out[5] log_sum_p2 = log q - 2 log s              (only WITH_LOG_SUM_P2)
+        out[3] log s      = ln2 log2 s
+        out[4] ln2 t / s  (the launcher forms mean_x = E_p[x] = m k + ln2 t / s in float64)
+        out[5] log_sum_p2 = ln2 (log2 q - 2 log2 s)             (only WITH_LOG_SUM_P2)
 
     logp never forms x_y - lse: at |x| = 1e4 that difference of two rounded numbers is off by ~5e-4.
     """
@@ -56,54 +59,75 @@ def _stats_kernel(
     rows = pid * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
     # int64 offsets: N * V exceeds 2^31 at N = 16384, V = 151936.
-    row_base = logits_ptr + rows.to(tl.int64) * stride_row
+    row_offset = rows.to(tl.int64) * stride_row
     lanes = tl.arange(0, BLOCK_V)
 
     m = tl.full([ROWS], float("-inf"), tl.float32)
     s = tl.zeros([ROWS], tl.float32)
     t = tl.zeros([ROWS], tl.float32)
     q = tl.zeros([ROWS], tl.float32)
-    for start in range(0, vocab, BLOCK_V):
-        cols = start + lanes
-        mask = row_ok[:, None] & (cols < vocab)[None, :]
-        z = tl.load(row_base[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        w = softmax_input(z, w_sign, cap_in, cap_out, HAS_SOFTCAP)
-        w = tl.where(mask, w, float("-inf"))
-        m, s, t, q = online_softmax_update(m, s, t, q, w, k, WITH_LOG_SUM_P2)
+    if ROWS == 1:
+        # One row: an aligned head (masked), full blocks with plain vector loads, a masked tail.
+        head = aligned_head(row_offset, vocab, 16)
+        if tl.max(head, axis=0) > 0:
+            cols = tl.arange(0, 16)
+            w = load_w(logits_ptr + row_offset[:, None] + cols[None, :], (cols < head[:, None]), cap_in, cap_out,
+                       NEGATE, HAS_SOFTCAP, True)
+            m, s, t, q = online_softmax_update(m, s, t, q, w, k2, WITH_LOG_SUM_P2)
+        first = tl.max(head, axis=0)
+        n_full = (vocab - first) // BLOCK_V
+        aligned = logits_ptr + tl.multiple_of(row_offset + first, 16)
+        for block in tl.range(0, n_full):
+            ptrs = aligned + block * BLOCK_V + lanes
+            w = load_w(ptrs[None, :], None, cap_in, cap_out, NEGATE, HAS_SOFTCAP, False)
+            m, s, t, q = online_softmax_update(m, s, t, q, w, k2, WITH_LOG_SUM_P2)
+        tail = first + n_full * BLOCK_V
+        if tail < vocab:
+            cols = tail + lanes
+            w = load_w(logits_ptr + row_offset[:, None] + cols[None, :], (cols < vocab)[None, :], cap_in, cap_out,
+                       NEGATE, HAS_SOFTCAP, True)
+            m, s, t, q = online_softmax_update(m, s, t, q, w, k2, WITH_LOG_SUM_P2)
+    else:
+        for start in range(0, vocab, BLOCK_V):
+            cols = start + lanes
+            mask = row_ok[:, None] & (cols < vocab)[None, :]
+            w = load_w(logits_ptr + row_offset[:, None] + cols[None, :], mask, cap_in, cap_out, NEGATE, HAS_SOFTCAP,
+                       True)
+            m, s, t, q = online_softmax_update(m, s, t, q, w, k2, WITH_LOG_SUM_P2)
 
     y = tl.load(targets_ptr + rows, mask=row_ok, other=0)
     valid = row_ok & (y != ignore_index)
-    z_y = tl.load(row_base + tl.where(valid, y, 0), mask=valid, other=0.0).to(tl.float32)
-    w_y = softmax_input(z_y, w_sign, cap_in, cap_out, HAS_SOFTCAP)
+    z_y = tl.load(logits_ptr + row_offset + tl.where(valid, y, 0), mask=valid, other=0.0).to(tl.float32)
+    w_y = softmax_input(z_y, cap_in, cap_out, NEGATE, HAS_SOFTCAP)
 
     # Rows past n_rows (the last program's padding) saw no live lane: s = q = 0 there.
     s = tl.where(row_ok, s, 1.0)
     q = tl.where(row_ok, q, 1.0)
-    log_s = tl.log(s)
+    log2_s = tl.log2(s)
     mean_shift = t / s
-    logp = tl.where(valid, (w_y - m) * k - log_s, 0.0)
-    entropy = tl.where(valid, log_s - mean_shift, 0.0)
+    logp = tl.where(valid, ((w_y - m) * k2 - log2_s) * LN2, 0.0)
+    entropy = tl.where(valid, (log2_s - mean_shift) * LN2, 0.0)
     tl.store(out_ptr + rows, logp, mask=row_ok)
     tl.store(out_ptr + n_rows + rows, entropy, mask=row_ok)
     tl.store(out_ptr + 2 * n_rows + rows, m, mask=row_ok)
-    tl.store(out_ptr + 3 * n_rows + rows, log_s, mask=row_ok)
-    tl.store(out_ptr + 4 * n_rows + rows, mean_shift, mask=row_ok)
+    tl.store(out_ptr + 3 * n_rows + rows, log2_s * LN2, mask=row_ok)
+    tl.store(out_ptr + 4 * n_rows + rows, mean_shift * LN2, mask=row_ok)
     if WITH_LOG_SUM_P2:
-        tl.store(out_ptr + 5 * n_rows + rows, tl.log(q) - 2.0 * log_s, mask=row_ok)
+        tl.store(out_ptr + 5 * n_rows + rows, (tl.log2(q) - 2.0 * log2_s) * LN2, mask=row_ok)
 
 
 # What each argument of _stats_kernel is, for compiling it ahead of time (triton/inspect.py):
 # "logits*" a pointer of the logits' dtype, "<type>*" other pointers, scalars by Triton type.
 _STATS_ARG_KINDS = {
     "logits_ptr": "logits*", "targets_ptr": "i64*", "out_ptr": "fp32*", "n_rows": "i32", "vocab": "i32",
-    "stride_row": "i32", "w_sign": "fp32", "k": "fp32", "cap_in": "fp32", "cap_out": "fp32", "ignore_index": "i32",
+    "stride_row": "i32", "k2": "fp32", "cap_in": "fp32", "cap_out": "fp32", "ignore_index": "i32",
 }
 
 
 def stats_kernel_variant(has_softcap: bool, with_log_sum_p2: bool, launch: LaunchConfig, vocab: int):
     """(kernel, argument kinds, compile-time constants) of the launch ``stats`` makes for these options."""
-    constexprs = {"HAS_SOFTCAP": has_softcap, "WITH_LOG_SUM_P2": with_log_sum_p2, "ROWS": launch.rows,
-                  "BLOCK_V": launch.block_v}
+    constexprs = {"NEGATE": False, "HAS_SOFTCAP": has_softcap, "WITH_LOG_SUM_P2": with_log_sum_p2,
+                  "ROWS": launch.rows, "BLOCK_V": launch.block_v}
     return _stats_kernel, _STATS_ARG_KINDS, constexprs
 
 
@@ -143,11 +167,11 @@ def stats(
                 n_rows,
                 vocab,
                 logits.stride(0),
-                sc.w_sign,
-                sc.k,
+                sc.k2,
                 sc.cap_in,
                 sc.cap_out,
                 params.ignore_index,
+                NEGATE=sc.negate,
                 HAS_SOFTCAP=sc.has_softcap,
                 WITH_LOG_SUM_P2=with_log_sum_p2,
                 ROWS=cfg.rows,
