@@ -5,6 +5,7 @@ The first test to run builds the extension (about 1-2 minutes on 2 cores); later
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -39,7 +40,7 @@ def _params(inputs: dict) -> CoreParams:
         temperature=inputs["temperature"],
         logit_scale=inputs["logit_scale"],
         softcap=inputs["softcap"],
-        ignore_index=IGNORE_INDEX,
+        ignore_index=inputs["ignore_index"],
     )
 
 
@@ -64,6 +65,8 @@ def _coefficients(n: int, seed: int):
 
 
 def _check_against_reference(logits, targets, params, with_p2=True, seed=0):
+    """stats and grad vs the float64 reference; the gradient's row scale is |g_lp| + |g_entropy| (the size
+    of the terms that cancel in a row)."""
     g_lp, g_entropy = _coefficients(logits.shape[0], seed)
     stats = native.stats(logits, targets, params, with_log_sum_p2=with_p2)
     ref, ref_grad = _reference(logits, targets, params, g_lp, g_entropy)
@@ -81,14 +84,52 @@ def _check_against_reference(logits, targets, params, with_p2=True, seed=0):
         assert stats.log_sum_p2 is None
     grad = native.grad(logits, targets, stats, g_lp, g_entropy, params)
     assert grad.dtype == dtype and grad.shape == logits.shape
-    assert_close_to_reference(grad, ref_grad, dtype=dtype, kind="grad", name="grad")
+    assert_close_to_reference(grad, ref_grad, dtype=dtype, kind="grad", name="grad",
+                              row_scale=_row_scale(g_lp, g_entropy))
+    assert torch.equal(grad[~valid], torch.zeros_like(grad[~valid]))
     return stats, grad
 
 
+def _row_scale(g_lp, g_entropy):
+    return g_lp.abs() + g_entropy.abs()
+
+
 @settings(max_examples=40)
-@given(inputs=core_inputs(max_rows=300, max_vocab=3000, dtypes=DTYPES), with_p2=st.booleans(), seed=st.integers(0, 99))
+@given(inputs=core_inputs(max_rows=300, max_vocab=5000, dtypes=DTYPES, ignore_indices=(IGNORE_INDEX, -1)),
+       with_p2=st.booleans(), seed=st.integers(0, 99))
 def test_matches_float64_reference(inputs, with_p2, seed):
     _check_against_reference(inputs["logits"], inputs["targets"], _params(inputs), with_p2, seed)
+
+
+WIDE_TRANSFORMS = {
+    "temperature": CoreParams(temperature=0.6),
+    "hot_temperature": CoreParams(temperature=1.7),
+    "logit_scale": CoreParams(logit_scale=2.5),
+    "scale_and_temperature": CoreParams(temperature=1.3, logit_scale=0.5),
+    "softcap": CoreParams(softcap=5.0),
+    "softcap_scale_temperature": CoreParams(temperature=0.8, logit_scale=1.5, softcap=30.0, ignore_index=-1),
+}
+
+
+def _ramp_logits(rows: int, vocab: int, dtype: torch.dtype) -> torch.Tensor:
+    # N(0, 2^2) plus a ramp of 12 across the row: the running max grows block after block.
+    z = make_logits("normal", (rows, vocab), seed=12) + 12.0 * torch.arange(vocab) / vocab
+    return z.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("transform", list(WIDE_TRANSFORMS))
+@pytest.mark.parametrize("vocab,kind", [(2049, "normal"), (4500, "peaked"), (6151, "ramp")])
+def test_vocabularies_of_several_blocks_with_every_transform(vocab, kind, transform, dtype):
+    # The kernel walks a row in blocks of 2048 lanes, moving its sums to a new frame when the max grows.
+    params = WIDE_TRANSFORMS[transform]
+    rows = 12
+    logits = _ramp_logits(rows, vocab, dtype) if kind == "ramp" else make_logits(kind, (rows, vocab), seed=13,
+                                                                                   dtype=dtype)
+    targets = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(vocab))
+    targets[::5] = params.ignore_index
+    targets[1] = vocab - 1  # a target in the last, partial block
+    _check_against_reference(logits, targets, params, seed=vocab)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -96,11 +137,23 @@ def test_matches_float64_reference(inputs, with_p2, seed):
 @pytest.mark.parametrize("temperature,softcap", [(1.0, None), (0.7, None), (0.7, 30.0)])
 def test_extreme_logits(dtype, kind, temperature, softcap):
     # |z| = 1e4: pass 2 must keep p exact from the float64 lse (a float32 lse is ~5e-4 coarse there).
-    logits = make_logits(kind, (33, 1009), seed=3, dtype=dtype)
-    targets = torch.randint(0, 1009, (33,), generator=torch.Generator().manual_seed(4))
+    logits = make_logits(kind, (33, 3001), seed=3, dtype=dtype)
+    targets = torch.randint(0, 3001, (33,), generator=torch.Generator().manual_seed(4))
     targets[::7] = IGNORE_INDEX
     params = CoreParams(temperature=temperature, softcap=softcap, logit_scale=1.0)
     _check_against_reference(logits, targets, params)
+
+
+@pytest.mark.parametrize("kind", ["flat", "all_equal"])
+@pytest.mark.parametrize("vocab", [2, 3, 2049])
+def test_uniform_rows(kind, vocab):
+    logits = make_logits(kind, (6, vocab), seed=9)
+    targets = torch.randint(0, vocab, (6,), generator=torch.Generator().manual_seed(10))
+    targets[2] = IGNORE_INDEX
+    stats, _ = _check_against_reference(logits, targets, CoreParams(temperature=0.7, logit_scale=2.0))
+    valid = targets != IGNORE_INDEX
+    # "flat" rows are uniform up to N(0, 1e-3) logits.
+    torch.testing.assert_close(stats.entropy[valid], torch.full((5,), math.log(vocab)), rtol=0, atol=5e-3)
 
 
 def test_single_token_vocabulary():
@@ -126,7 +179,8 @@ def test_masked_vocabulary_entries():
     for name in ("logp", "entropy", "lse", "mean_x", "log_sum_p2"):
         assert_close_to_reference(getattr(stats, name), getattr(ref, name), dtype=torch.float32, name=name)
     grad = native.grad(logits, targets, stats, g_lp, g_entropy, params)
-    assert_close_to_reference(grad, ref_grad, dtype=torch.float32, kind="grad", name="grad")
+    assert_close_to_reference(grad, ref_grad, dtype=torch.float32, kind="grad", name="grad",
+                              row_scale=_row_scale(g_lp, g_entropy))
     assert torch.equal(grad[:, ::3], torch.zeros_like(grad[:, ::3]))
 
 
@@ -147,10 +201,11 @@ def test_ignored_rows_are_zero_and_not_read(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind,softcap", [("normal", None), ("normal", 5.0), ("huge", None)])
-def test_in_place_gradient(dtype, kind, softcap):
-    logits = make_logits(kind, (40, 1001), seed=6, dtype=dtype)
-    targets = torch.randint(0, 1001, (40,))
+@pytest.mark.parametrize("kind,softcap,vocab", [("normal", None, 1001), ("normal", 5.0, 1001), ("huge", None, 1001),
+                                                ("peaked", 30.0, 3001)])
+def test_in_place_gradient(dtype, kind, softcap, vocab):
+    logits = make_logits(kind, (40, vocab), seed=6, dtype=dtype)
+    targets = torch.randint(0, vocab, (40,), generator=torch.Generator().manual_seed(6))
     targets[3] = IGNORE_INDEX
     params = CoreParams(temperature=0.7, softcap=softcap)
     g_lp, g_entropy = _coefficients(40, 2)
@@ -160,6 +215,9 @@ def test_in_place_gradient(dtype, kind, softcap):
     result = native.grad(work, targets, stats, g_lp, g_entropy, params, out=work)
     assert result.data_ptr() == work.data_ptr()
     assert torch.equal(work, expected)
+    _, ref_grad = _reference(logits, targets, params, g_lp, g_entropy)
+    assert_close_to_reference(work, ref_grad, dtype=dtype, kind="grad", name="in-place grad",
+                              row_scale=_row_scale(g_lp, g_entropy))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -181,6 +239,9 @@ def test_strided_rows(dtype):
     expected = native.grad(logits.contiguous(), targets, dense, g_lp, g_entropy, params)
     assert torch.equal(out, expected)
     assert (out_wide[:, :50] == 7).all() and (out_wide[:, 1050:] == 7).all()
+    _, ref_grad = _reference(logits, targets, params, g_lp, g_entropy)
+    assert_close_to_reference(out, ref_grad, dtype=dtype, kind="grad", name="strided grad",
+                              row_scale=_row_scale(g_lp, g_entropy))
 
 
 def test_same_result_for_one_and_two_threads():
