@@ -102,7 +102,12 @@ def test_huge_logits_keep_float32_accuracy_on_the_one_row_path():
 
 
 def test_launch_table_takes_the_one_row_path_for_large_vocabularies():
-    """The production tile (8192 bf16 lanes) takes one row per program from V = 4097 on."""
+    """The stats tile (8192 bf16 lanes) takes one row per program from V = 4097 on; the grad tile is
+    half as long (registers grow with lanes per thread), a quarter under softcap."""
     assert ft.launch_config(4096, torch.bfloat16).rows == 2
     assert ft.launch_config(4097, torch.bfloat16).rows == 1
     assert ft.launch_config(151936, torch.bfloat16) == ft.LaunchConfig(block_v=8192, rows=1, num_warps=8)
+    assert ft.launch_config(151936, torch.bfloat16, "grad") == ft.LaunchConfig(block_v=4096, rows=1, num_warps=8)
+    assert ft.launch_config(151936, torch.bfloat16, "grad", softcap=True).block_v == 2048
+    assert ft.launch_config(151936, torch.float32, "grad").block_v == 2048
+    assert ft.launch_config(2049, torch.bfloat16, "grad").rows == 1

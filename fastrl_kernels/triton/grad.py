@@ -250,7 +250,7 @@ def grad(
         raise ValueError(f"out: expected a unit stride in the last dim, got strides {out.stride()}")
     if n_rows == 0:
         return out
-    cfg = check_launch(launch, vocab, logits.dtype)
+    cfg = check_launch(launch, vocab, logits.dtype, "grad", params.softcap is not None)
     sc = transform_scalars(params)
     vectors = lse_split(stats, sc.k) + [v.to(torch.float32).contiguous() for v in (g_lp, g_entropy)]
     grid = (triton.cdiv(n_rows, cfg.rows),)

@@ -26,22 +26,19 @@ import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-if os.environ.get("TRITON_INTERPRET") == "1":
-    # Under the interpreter @triton.jit gives Python functions, which cannot be compiled for a GPU.
-    raise ImportError("fastrl_kernels.triton.inspect: unset TRITON_INTERPRET before importing it")
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-from .grad import grad_kernel_variant  # noqa: E402
-from .online_softmax import LaunchConfig, launch_config  # noqa: E402
-from .stats import stats_kernel_variant  # noqa: E402
+from .grad import grad_kernel_variant
+from .online_softmax import LaunchConfig, launch_config
+from .stats import stats_kernel_variant
 
 ARCHS = {"sm_90a": 90, "sm_80": 80}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -90,11 +87,11 @@ def variants(all_tiles: bool = False, vocabs: tuple = MODEL_VOCABS, dtypes: tupl
     out = []
     for dtype in dtypes:
         for vocab in sorted(set(sizes)):
-            launch = launch_config(vocab, DTYPES[dtype])
             for softcap in (False, True):
+                launch = launch_config(vocab, DTYPES[dtype], "stats", softcap)
                 for p2 in (False, True):
                     out.append(Variant("stats", dtype, vocab, launch, softcap, p2))
-                out.append(Variant("grad", dtype, vocab, launch, softcap))
+                out.append(Variant("grad", dtype, vocab, launch_config(vocab, DTYPES[dtype], "grad", softcap), softcap))
     return out
 
 
@@ -190,6 +187,9 @@ def hot_loop(sass: str) -> list[str]:
 
 def inspect_variant(variant: Variant, arch: str, workdir: Path) -> Report:
     """Compile ``variant`` for ``arch`` and read registers, spills, shared memory and the hot loop."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # Under the interpreter @triton.jit gives Python functions, which cannot be compiled for a GPU.
+        raise RuntimeError("fastrl_kernels.triton.inspect: unset TRITON_INTERPRET (kernels are being interpreted)")
     target = GPUTarget("cuda", ARCHS[arch], 32)
     compiled = triton.compile(_source(variant), target=target, options={"num_warps": variant.launch.num_warps})
     stem = workdir / f"{variant.kernel}-{variant.dtype}-{variant.vocab}-{int(variant.has_softcap)}" \
@@ -255,18 +255,21 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="only these dtypes (repeatable)")
     parser.add_argument("--kernel", choices=("stats", "grad"), help="only this kernel")
     parser.add_argument("--json", type=Path, help="write the reports here as JSON")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile in this many processes")
     args = parser.parse_args(argv)
     archs = args.arch or ["sm_90a"]
     chosen = variants(args.all, tuple(args.vocab) if args.vocab else MODEL_VOCABS,
                       tuple(args.dtype) if args.dtype else tuple(DTYPES))
     if args.kernel:
         chosen = [v for v in chosen if v.kernel == args.kernel]
+    jobs = [(variant, arch) for arch in archs for variant in chosen]
     reports = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for arch in archs:
-            for variant in chosen:
-                reports.append(inspect_variant(variant, arch, Path(tmp)))
-                print(format_table(reports[-1:]).splitlines()[-1], flush=True)
+    with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        # Compiling is single-threaded Python and LLVM: one process per core.
+        futures = [pool.submit(inspect_variant, variant, arch, Path(tmp)) for variant, arch in jobs]
+        for future in futures:
+            reports.append(future.result())
+            print(format_table(reports[-1:]).splitlines()[-1], flush=True)
     print()
     print(format_table(reports))
     if args.json:

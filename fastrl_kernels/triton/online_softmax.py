@@ -166,28 +166,36 @@ class LaunchConfig:
     num_warps: int = 4
 
 
-# Launch table, by vocabulary size and element size (autotuning is off by default; bench/gpu_suite.py
-# --sweep times alternatives on a GPU). A tile moves at most 16 KiB of logits per step: block_v =
-# 4096 lanes in float32, 8192 in bf16/fp16, enough bytes in flight per warp to stream at HBM speed
-# while the float32 working set (w, e, d per lane) stays in registers. When a whole row fits in
-# fewer lanes, one program takes several rows (up to 16) so small vocabularies still fill the tile.
-_TILE_BYTES = 16384
+# Launch table, by kernel, vocabulary size and element size (autotuning is off by default;
+# bench/gpu_suite.py --sweep times alternatives on a GPU). A tile is the logits one program moves per
+# step. The stats kernel reduces every block across the program (max, two sums), so it wants long
+# blocks: 16 KiB (8192 bf16 lanes, 32 per thread) keeps its hot loop at 11.6 SASS instructions per
+# element, where 8 KiB costs 13.8. The grad kernel reduces nothing, and its registers grow with the
+# lanes per thread (bf16 on sm_90a: 151 at 32, 64 at 16, 32 at 8, per `python -m
+# fastrl_kernels.triton.inspect`): 8 KiB tiles (16 lanes per thread) keep it at 64 registers, four
+# programs per SM, for 0.4 more instructions per element; under softcap (tanh per element) 4 KiB
+# keeps it from spilling on sm_80. When a whole row fits in fewer lanes, one program takes several
+# rows (up to 16) so small vocabularies still fill the tile.
+_TILE_BYTES = {("stats", False): 16384, ("stats", True): 16384, ("grad", False): 8192, ("grad", True): 4096}
 _MAX_ROWS = 16
 
 
-def launch_config(vocab: int, dtype: torch.dtype) -> LaunchConfig:
-    """Block size, rows per program and warps for rows of ``vocab`` logits of ``dtype``."""
-    tile = _TILE_BYTES // torch.empty((), dtype=dtype).element_size()
+def launch_config(vocab: int, dtype: torch.dtype, kernel: str = "stats", softcap: bool = False) -> LaunchConfig:
+    """Block size, rows per program and warps for ``kernel`` ("stats" or "grad") on rows of ``vocab``
+    logits of ``dtype`` (``softcap``: the transform has a softcap)."""
+    tile = _TILE_BYTES[(kernel, bool(softcap))] // torch.empty((), dtype=dtype).element_size()
     block_v = max(16, min(tile, triton.next_power_of_2(vocab)))
     rows = max(1, min(_MAX_ROWS, tile // block_v)) if block_v >= vocab else 1
     elements = rows * block_v
-    num_warps = 8 if elements >= 4096 else (4 if elements >= 1024 else 2)
+    num_warps = 8 if elements >= 2048 else (4 if elements >= 512 else 2)
     return LaunchConfig(block_v=block_v, rows=rows, num_warps=num_warps)
 
 
-def check_launch(launch: Optional[LaunchConfig], vocab: int, dtype: torch.dtype) -> LaunchConfig:
+def check_launch(
+    launch: Optional[LaunchConfig], vocab: int, dtype: torch.dtype, kernel: str, softcap: bool
+) -> LaunchConfig:
     if launch is None:
-        return launch_config(vocab, dtype)
+        return launch_config(vocab, dtype, kernel, softcap)
     for name, value in (("block_v", launch.block_v), ("rows", launch.rows)):
         if value < 1 or value & (value - 1):
             raise ValueError(f"launch.{name}: expected a power of two >= 1, got {value}")
