@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastrl_kernels import reference as ref
-from fastrl_kernels.config import LOSS_AGG_MODES
+from fastrl_kernels.config import LOSS_AGG_ALIASES, LOSS_AGG_MODES
 from fastrl_kernels.ops import advantages as ops
 from fastrl_kernels.testing import assert_close_to_reference
 from fastrl_kernels.testing.strategies import masks
@@ -122,6 +122,23 @@ def test_group_advantages_ddof_1_is_torch_std(s, group_size, groups, scale):
     assert_close_to_reference(fast, want, dtype=torch.float32, name="group_advantages")
 
 
+@settings(max_examples=40)
+@given(s=seeds, group_size=st.integers(1, 8), groups=st.integers(1, 3), scale=st.sampled_from(["std", "none"]),
+       std_ddof=st.sampled_from([0, 1]), eps=st.sampled_from([1e-8, 1e-3, 0.5, 2.0]) | st.floats(1e-8, 4.0),
+       ties=st.booleans())
+def test_group_advantages_ops_match_reference_for_every_option(s, group_size, groups, scale, std_ddof, eps, ties):
+    if scale == "std" and group_size - std_ddof < 1:
+        group_size += 1
+    g = torch.Generator().manual_seed(s)
+    rewards = torch.randn(groups * group_size, generator=g)
+    if ties:  # 0/1 rewards: groups with equal rewards have std 0, where only eps keeps A finite
+        rewards = (rewards > 0).float()
+    want = ref.group_advantages(rewards, group_size, scale=scale, std_ddof=std_ddof, eps=eps)
+    got = ops.group_advantages(rewards, group_size, scale=scale, std_ddof=std_ddof, eps=eps)
+    assert got.dtype == torch.float32
+    assert_close_to_reference(got, want, dtype=torch.float32, name="group_advantages")
+
+
 def test_group_advantages_hand_case_and_errors():
     # group [0, 1, 1, 0]: mean 0.5, population std 0.5 -> [-1, 1, 1, -1]; groups are contiguous
     rewards = torch.tensor([0.0, 1.0, 1.0, 0.0, 2.0, 2.0, 2.0, 2.0])
@@ -134,6 +151,19 @@ def test_group_advantages_hand_case_and_errors():
             fn(rewards, 3)
         with pytest.raises(ValueError, match="group_size"):
             fn(rewards[:1], 1, std_ddof=1)
+
+
+def test_group_advantages_eps_hand_case():
+    # group [0, 1, 1, 0]: std 0.5 (ddof 0) or 1/sqrt(3) (ddof 1); eps 0.5 is added to the std
+    rewards = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    signs = torch.tensor([-1.0, 1, 1, -1], dtype=torch.float64)
+    for fn in (ref.group_advantages, ops.group_advantages):
+        got = fn(rewards, 4, eps=0.5).double()
+        torch.testing.assert_close(got, 0.5 * signs, atol=1e-7, rtol=0)
+        got = fn(rewards, 4, std_ddof=1, eps=0.5).double()
+        torch.testing.assert_close(got, 0.5 / (3**-0.5 + 0.5) * signs, atol=1e-7, rtol=0)
+        got = fn(rewards, 4, scale="none", eps=0.5).double()  # no std, no eps
+        torch.testing.assert_close(got, 0.5 * signs, atol=1e-7, rtol=0)
 
 
 def test_value_loss_clip_hand_cases():
@@ -158,17 +188,19 @@ def test_value_loss_clip_hand_cases():
     s=seeds,
     shape=st.sampled_from([(1, 1), (2, 5), (3, 4), (6,)]),
     clip=st.none() | st.floats(0.05, 1.0),
-    loss_agg=st.sampled_from(LOSS_AGG_MODES),
+    loss_agg=st.sampled_from(LOSS_AGG_MODES + tuple(LOSS_AGG_ALIASES)),
+    normalizer=st.none() | st.sampled_from([1.0, 7.0, 0.25, 64])
+    | st.floats(0.1, 100.0).map(lambda x: torch.tensor(x, dtype=torch.float32)),
     data=st.data(),
 )
-def test_value_loss_ops_matches_reference(s, shape, clip, loss_agg, data):
+def test_value_loss_ops_matches_reference(s, shape, clip, loss_agg, normalizer, data):
     g = torch.Generator().manual_seed(s)
     values = torch.randn(shape, generator=g, requires_grad=True)
     old = values.detach() + 0.5 * torch.randn(shape, generator=g)
     returns = torch.randn(shape, generator=g)
     mask = data.draw(masks(shape))
-    want = ref.value_loss(values, old, returns, mask, clip=clip, loss_agg=loss_agg)
-    got = ops.value_loss(values, old, returns, mask, clip=clip, loss_agg=loss_agg)
+    want = ref.value_loss(values, old, returns, mask, clip=clip, loss_agg=loss_agg, normalizer=normalizer)
+    got = ops.value_loss(values, old, returns, mask, clip=clip, loss_agg=loss_agg, normalizer=normalizer)
     assert got.dtype == torch.float32 and got.dim() == 0
     assert_close_to_reference(got, want, dtype=torch.float32, name="value_loss")
     (want_grad,) = torch.autograd.grad(want, values)
@@ -176,3 +208,23 @@ def test_value_loss_ops_matches_reference(s, shape, clip, loss_agg, data):
     assert_close_to_reference(grad, want_grad, dtype=torch.float32, kind="grad", name="value_loss grad")
     if not bool(mask.any()):
         assert got.item() == 0.0 and bool((grad == 0).all())
+
+
+@pytest.mark.parametrize("loss_agg", LOSS_AGG_MODES)
+def test_value_loss_normalizer_replaces_the_divisor(loss_agg):
+    # per-token 0.5 (v - R)^2 = [2, 0.845, 0.18 | 0.5, 0 (masked), 0.08]; the normalizer 4 replaces the
+    # mode's divisor (token count 5, 2 sequences, B * T = 6, or 1)
+    values = torch.tensor([[2.0, 0.2, 1.4], [1.0, 9.0, 0.3]], requires_grad=True)
+    returns = torch.tensor([[0.0, 1.5, 2.0], [0.0, 0.0, -0.1]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 1]])
+    per_token = 0.5 * (values.detach().double() - returns.double()) ** 2 * mask
+    sums = per_token.sum(dim=1)
+    total = sums.sum() if loss_agg != "seq-mean-token-mean" else (sums / mask.sum(dim=1)).sum()
+    for normalizer in (4.0, torch.tensor(4.0)):
+        for fn in (ref.value_loss, ops.value_loss):
+            loss = fn(values, values.detach(), returns, mask, loss_agg=loss_agg, normalizer=normalizer)
+            assert loss.item() == pytest.approx(total.item() / 4.0, rel=1e-6)
+            (grad,) = torch.autograd.grad(loss, values)
+            scale = 1.0 if loss_agg != "seq-mean-token-mean" else 1.0 / mask.sum(dim=1, keepdim=True)
+            want = (values.detach() - returns) * mask * scale / 4.0
+            torch.testing.assert_close(grad.double(), want.double(), rtol=1e-6, atol=1e-7)

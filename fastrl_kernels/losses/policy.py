@@ -51,7 +51,11 @@ def per_token_policy_loss(
         return -weight * adv * logp
     if cfg.loss_type == "sapo":
         temp = torch.where(adv > 0, cfg.sapo_temp_pos, cfg.sapo_temp_neg)
-        return -torch.sigmoid(temp * (ratio - 1.0)) * (4.0 / temp) * adv
+        x = temp * (ratio - 1.0)
+        # sigmoid(x) as 1 - sigmoid(-x) for x > 0: autograd's s (1 - s) then works on the smaller of
+        # sigmoid(+-x), which keeps its precision where the gate saturates (float32 1 - s would not).
+        gate = torch.where(x > 0, 1.0 - torch.sigmoid(-x), torch.sigmoid(x))
+        return -gate * (4.0 / temp) * adv
     raise ValueError(f"loss_type: unknown policy loss {cfg.loss_type!r}")
 
 
@@ -125,14 +129,23 @@ def policy_loss_from_logprobs(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss and metrics from per-token log-probs, all ``[B, T]`` (advantages may be ``[B, 1]``).
 
-    ``mask`` is float {0, 1}. ``entropy`` (exact H per token) may be None with entropy_mode "sampled".
+    ``mask`` is float {0, 1}; old / ref log-probs at masked positions are ignored. advantages ``[B]`` or
+    ``[B, 1]`` are per sequence. ``entropy`` (exact H per token) may be None with entropy_mode "sampled".
     Returns ``(loss 0-d, metrics)``; metrics are detached 0-d tensors (names in SPEC section 3).
     """
     cfg = config if config is not None else PolicyLossConfig()
     if cfg.kl_coef != 0.0 and ref_logprobs is None:
         raise ValueError("ref_logprobs: required when kl_coef != 0 (got None)")
     adv = advantages.to(logp.dtype)
-    ratio = _ratio(logp, old_logprobs.to(logp.dtype), mask, cfg.loss_type)
+    if adv.dim() == 1 and logp.dim() == 2:
+        adv = adv.unsqueeze(1)  # [B]: one advantage per sequence
+    # Masked positions may hold padding garbage: pin their ratio to 1 and their KL to 0, so that no
+    # inf * 0 = NaN reaches the loss, the metrics or the gradient.
+    unmasked = mask > 0
+    old_logprobs = torch.where(unmasked, old_logprobs.to(logp.dtype), logp.detach())
+    if ref_logprobs is not None:
+        ref_logprobs = torch.where(unmasked, ref_logprobs.to(logp.dtype), logp.detach())
+    ratio = _ratio(logp, old_logprobs, mask, cfg.loss_type)
     token_loss, kl = _token_loss(logp, ratio, adv, ref_logprobs, is_weights, cfg)
     loss = aggregate(token_loss, mask, cfg.loss_agg, normalizer)
     bonus_entropy = _bonus_entropy(logp, entropy, cfg)

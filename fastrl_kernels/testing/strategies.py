@@ -143,35 +143,48 @@ def policy_inputs(
     dtypes: Sequence[torch.dtype] = (torch.float32,),
     allow_flat: bool = True,
     kinds: Sequence[str] = ("normal", "peaked", "flat", "all_equal"),
+    min_vocab: int = 1,
+    nonempty_mask: bool = False,
+    with_ignore: bool = False,
+    old_noise: Sequence[float] = (0.2,),
 ) -> dict:
     """Arguments of ``policy_loss``: ``dict(logits, targets, old_logprobs, advantages, mask, ref_logprobs)``.
 
-    Leading shape ``[B, T]``, or ``[N]`` (one sequence) in some draws when ``allow_flat``. old and ref
-    log-probs are the float64 reference logp (temperature 1) plus N(0, 0.2^2) / N(0, 0.3^2) noise, as
-    float32, so ratios sit near 1 and some clip. advantages ``[B, T]``, per sequence ``[B]``, or ``[N]``;
-    mask from ``masks`` (bool, may be all False).
+    Leading shape ``[B, T]``, or ``[N]`` (one sequence) in some draws when ``allow_flat``; vocabulary in
+    [min_vocab, max_vocab]. old and ref log-probs are the float64 reference logp (temperature 1) plus
+    N(0, s^2) noise with s drawn from ``old_noise`` / N(0, 0.3^2) noise, as float32, so ratios sit near 1
+    and some clip (s = 1 gives ratios of e^+-2, past a dual clip or a delta cap). advantages ``[B, T]``,
+    per sequence ``[B]``, or ``[N]``; mask from ``masks`` (bool, may be all False unless
+    ``nonempty_mask``, which then unmasks one random token). ``with_ignore``: some draws set ~20% of
+    the targets to -100 (masked by ``policy_loss``).
     """
     flat = allow_flat and draw(st.booleans())
     batch = 1 if flat else draw(st.integers(1, max_batch))
     length = draw(st.integers(1, max_len))
     leading = (length,) if flat else (batch, length)
-    vocab = draw(st.integers(1, max_vocab))
+    vocab = draw(st.integers(min_vocab, max_vocab))
     dtype = draw(st.sampled_from(tuple(dtypes)))
     seed = draw(seeds())
     logits = make_logits(draw(logit_kinds(kinds)), (*leading, vocab), seed, dtype)
+    noise = draw(st.sampled_from(tuple(old_noise)))
     g = torch.Generator().manual_seed(seed + 1)
     targets = torch.randint(0, vocab, leading, generator=g)
+    if with_ignore and draw(st.booleans()):
+        targets = targets.masked_fill(torch.rand(leading, generator=g) < 0.2, IGNORE_INDEX)
     logp, _ = token_logprobs(logits, targets)
-    old = (logp + 0.2 * torch.randn(leading, generator=g, dtype=torch.float64)).to(torch.float32)
+    old = (logp + noise * torch.randn(leading, generator=g, dtype=torch.float64)).to(torch.float32)
     ref = (logp + 0.3 * torch.randn(leading, generator=g, dtype=torch.float64)).to(torch.float32)
     per_sequence = not flat and draw(st.booleans())
     advantages = torch.randn((batch,) if per_sequence else leading, generator=g)
+    mask = draw(masks(leading))
+    if nonempty_mask and not bool(mask.any()):
+        mask.view(-1)[int(torch.randint(0, mask.numel(), (1,), generator=g))] = True
     return {
         "logits": logits,
         "targets": targets,
         "old_logprobs": old,
         "advantages": advantages,
-        "mask": draw(masks(leading)),
+        "mask": mask,
         "ref_logprobs": ref,
     }
 
