@@ -21,4 +21,9 @@ settings.register_profile(
     print_blob=True,
 )
 settings.register_profile("dev", deadline=None, max_examples=10, suppress_health_check=list(HealthCheck))
+# Mutation testing (scripts/mutation.sh): few examples and the same ones on every run (derandomized, so
+# no example database either), so a mutant's verdict does not depend on the run.
+settings.register_profile(
+    "mutation", deadline=None, max_examples=10, derandomize=True, suppress_health_check=list(HealthCheck)
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

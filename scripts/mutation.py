@@ -1,0 +1,211 @@
+"""Mutation testing of the loss, op and reference modules with mutmut (run it through scripts/mutation.sh).
+
+1. The fast tests configured in ``[tool.mutmut]`` run once on the unmodified code; tests that fail there
+   are deselected for the run (a mutant can only be judged by tests that pass without it) and listed.
+2. ``mutmut run`` with one worker over the mutants of the named modules (default: all configured ones),
+   starting from an empty ``mutants/`` so every verdict comes from the tests as they are now.
+3. The score per module and every surviving mutant (file:line and diff) are printed and written to
+   ``mutants/mutation-report.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import fnmatch
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parent.parent
+REPORT = ROOT / "mutants" / "mutation-report.md"
+STATUSES = ("killed", "survived", "timeout", "no tests", "suspicious", "segfault", "not checked")
+
+
+def mutmut_config() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]
+
+
+def mutatable_files(config: dict) -> list[Path]:
+    files = sorted(p.relative_to(ROOT) for p in (ROOT / "fastrl_kernels").rglob("*.py"))
+    return [p for p in files if any(fnmatch.fnmatch(str(p), pattern) for pattern in config["only_mutate"])]
+
+
+def select_files(args: list[str], config: dict) -> list[Path]:
+    """The configured files under the paths named on the command line (all of them when none is)."""
+    files = mutatable_files(config)
+    if not args:
+        return files
+    chosen = []
+    for arg in args:
+        target = Path(arg.rstrip("/"))
+        matched = [f for f in files if f == target or target in f.parents]
+        if not matched:
+            sys.exit(f"mutation: {arg} is not among the mutated modules ({', '.join(config['only_mutate'])})")
+        chosen += [f for f in matched if f not in chosen]
+    return chosen
+
+
+def has_functions(path: Path) -> bool:
+    # mutmut mutates function and method bodies only; module-level code is left alone.
+    tree = ast.parse((ROOT / path).read_text())
+    return any(isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) for node in ast.walk(tree))
+
+
+def module_name(path: Path) -> str:
+    parts = path.with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def failing_tests(config: dict) -> list[str]:
+    """pytest options deselecting the selected tests that fail on the unmodified code."""
+    command = [sys.executable, "-m", "pytest", "-q", "-rfE", "--continue-on-collection-errors"]
+    command += config["pytest_add_cli_args"] + config["pytest_add_cli_args_test_selection"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    options = []
+    for match in re.finditer(r"^(FAILED|ERROR) (.+?)(?: - .*)?$", result.stdout, re.MULTILINE):
+        node = match.group(2).strip()
+        # A test file that does not even import is ignored; a failing test is deselected.
+        options += ["--deselect", node] if "::" in node else ["--ignore", node]
+    if result.returncode not in (0, 1):  # 1: some tests failed; anything else: pytest itself failed
+        sys.exit(f"mutation: the tests could not run on the unmodified code:\n{result.stdout}{result.stderr}")
+    return options
+
+
+def first_changed_line(path: Path, mutant: str) -> tuple[int, list[str]]:
+    """The source line of a mutant's first change, and the -/+ lines of its diff."""
+    import libcst as cst
+    from mutmut.mutation.diff_apply import read_functions_from_index
+    from mutmut.utils.format_utils import orig_function_and_class_names_from_key
+
+    orig, mutated = read_functions_from_index(mutant, path)
+    orig_lines = cst.Module([orig]).code.strip().split("\n")
+    mutated_lines = cst.Module([mutated]).code.strip().split("\n")
+    changes = [op for op in difflib.SequenceMatcher(a=orig_lines, b=mutated_lines).get_opcodes() if op[0] != "equal"]
+    diff = [f"- {line.strip()}" for op in changes for line in orig_lines[op[1] : op[2]]]
+    diff += [f"+ {line.strip()}" for op in changes for line in mutated_lines[op[3] : op[4]]]
+    # Line numbers inside the function text, anchored on its `def` line in the original file.
+    function, class_name = orig_function_and_class_names_from_key(mutant)
+    def_index = next(i for i, line in enumerate(orig_lines) if re.match(rf"\s*(async\s+)?def {function}\b", line))
+    scope = ast.parse((ROOT / path).read_text()).body
+    if class_name:
+        scope = next(n.body for n in scope if isinstance(n, ast.ClassDef) and n.name == class_name)
+    node = next(n for n in scope if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == function)
+    return node.lineno + changes[0][1] - def_index, diff
+
+
+def report(files: list[Path], deselected: list[str], seconds: dict, commit: str) -> int:
+    from mutmut.mutation.data import SourceFileMutationData
+    from mutmut.stats import status_by_exit_code
+
+    os.chdir(ROOT)  # mutmut's readers take paths relative to the project root
+    lines = [
+        "# Mutation testing report",
+        "",
+        f"mutmut {version('mutmut')}, commit {commit}, {time.strftime('%Y-%m-%d %H:%M')}; "
+        f"baseline tests {seconds['baseline']:.0f} s, mutmut {seconds['mutmut']:.0f} s in all.",
+        "",
+    ]
+    if deselected:
+        lines += ["Deselected (they fail on the unmodified code): " + " ".join(deselected[1::2]), ""]
+    lines += ["| module | killed | survived | timeout | no tests | other | score | mutant test time |"]
+    lines += ["|---|---|---|---|---|---|---|---|"]
+    survivors, totals = [], Counter()
+    for path in files:
+        data = SourceFileMutationData(path=path)
+        data.load()
+        counts = Counter(status_by_exit_code[code] for code in data.exit_code_by_key.values())
+        totals.update(counts)
+        total = sum(counts.values())
+        other = total - sum(counts[s] for s in ("killed", "survived", "timeout", "no tests"))
+        score = f"{counts['killed'] / total:.1%}" if total else "-"
+        spent = sum(data.durations_by_key.values())
+        lines.append(
+            f"| {path} | {counts['killed']} | {counts['survived']} | {counts['timeout']} | {counts['no tests']}"
+            f" | {other} | {score} | {spent:.0f} s |"
+        )
+        for mutant, code in data.exit_code_by_key.items():
+            status = status_by_exit_code[code]
+            if status not in ("killed", "timeout"):
+                survivors.append((path, mutant, status))
+    total = sum(totals.values())
+    lines.append(
+        f"| all | {totals['killed']} | {totals['survived']} | {totals['timeout']} | {totals['no tests']} |"
+        f" {total - sum(totals[s] for s in ('killed', 'survived', 'timeout', 'no tests'))} |"
+        f" {totals['killed'] / max(total, 1):.1%} | |"
+    )
+    lines += ["", f"## Surviving mutants ({len(survivors)}, with the no-tests and unfinished ones)", ""]
+    for path, mutant, status in survivors:
+        line, diff = first_changed_line(path, mutant)
+        lines.append(f"- {path}:{line} `{mutant}` ({status})")
+        lines += [f"      {change}" for change in diff]
+    REPORT.write_text("\n".join(lines) + "\n")
+    summary_end = next(i for i, line in enumerate(lines) if line.startswith("## "))
+    print("\n".join(lines[:summary_end]))
+    print(f"\n{len(survivors)} surviving mutants, with diffs: {REPORT.relative_to(ROOT)}")
+    return 0
+
+
+def git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def version(package: str) -> str:
+    from importlib.metadata import version as package_version
+
+    return package_version(package)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("modules", nargs="*", help="files or folders among the mutated ones (default: all)")
+    args = parser.parse_args()
+    config = mutmut_config()
+    files = select_files(args.modules, config)
+    skipped = [f for f in files if not has_functions(f)]
+    files = [f for f in files if f not in skipped]
+    if skipped:
+        print(f"No functions, nothing to mutate: {' '.join(map(str, skipped))}")
+    if not files:
+        return 0
+    commit = git("rev-parse", "--short", "HEAD").stdout.strip()
+    if git("diff", "--quiet", "HEAD", "--", "fastrl_kernels", "tests", "csrc").returncode:
+        commit += " + uncommitted edits"
+
+    seconds = {}
+    start = time.monotonic()
+    print("Running the selected tests on the unmodified code...", flush=True)
+    deselected = failing_tests(config)
+    seconds["baseline"] = time.monotonic() - start
+    if deselected:
+        print("Deselected, as they fail on the unmodified code:", " ".join(deselected[1::2]))
+
+    shutil.rmtree(ROOT / "mutants", ignore_errors=True)
+    # mutmut runs pytest in-process, which reads PYTEST_ADDOPTS: the deselection reaches every run.
+    env = dict(os.environ, PYTEST_ADDOPTS=f"{shlex.join(deselected)} {os.environ.get('PYTEST_ADDOPTS', '')}".strip())
+    # Mutant names are <module>.x_<function>__mutmut_<n> or <module>.xǁ<Class>ǁ<method>__mutmut_<n>.
+    patterns = [f"{module_name(f)}.x*" for f in files]
+    mutmut = Path(sys.executable).with_name("mutmut")
+    start = time.monotonic()
+    run = subprocess.run([str(mutmut), "run", "--max-children", "1", *patterns], cwd=ROOT, env=env)
+    seconds["mutmut"] = time.monotonic() - start
+    if run.returncode != 0:
+        print(f"mutation: mutmut exited with {run.returncode}", file=sys.stderr)
+        return run.returncode
+    return report(files, deselected, seconds, commit)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
