@@ -176,10 +176,55 @@ def _kwargs(cfg: DPOConfig) -> dict:
                 loss_weights=None if isinstance(cfg.loss_type, str) else [0.7] * len(cfg.loss_types))
 
 
+def _pair_grad_scales(inputs, kw: dict, chosen_weights=None, rejected_weights=None, reduce=torch.sum) -> list:
+    """Per pair, the size of the terms that make up d(reduce(losses))/d(pc, pr, rc, rr).
+
+    A pair loss reaches pc through several intermediates (pc itself, u_c = pc - rc, the score s_c = f(u_c),
+    h = beta (s_c - s_r)); their contributions can cancel (apo_down at small beta: beta sigma'(beta u_c) -
+    beta sigma'(h)). The scale is the sum over the loss types and the intermediates v of
+    |d loss_k/dv| |dv/dpc|: what float32 algebra adds up, the row scale of the gradient (asserts.py).
+    """
+    pc, pr, rc, rr = (t.detach().double() for t in inputs)
+    beta = kw["beta"]
+
+    def score_slope(u):
+        u = u.clone().requires_grad_(True)
+        (slope,) = torch.autograd.grad(ref.f_divergence_scores(u, kw["f_divergence"], kw["f_alpha"]).sum(), u)
+        return slope.abs()
+
+    u_c, u_r = pc - rc, pr - rr
+    s_c = ref.f_divergence_scores(u_c, kw["f_divergence"], kw["f_alpha"])
+    s_r = ref.f_divergence_scores(u_r, kw["f_divergence"], kw["f_alpha"])
+    values = dict(pc=pc, pr=pr, rc=rc, rr=rr, u_c=u_c, u_r=u_r, s_c=s_c, s_r=s_r, h=beta * (s_c - s_r))
+    slope_c, slope_r = score_slope(u_c), score_slope(u_r)
+    types = [kw["loss_type"]] if isinstance(kw["loss_type"], str) else list(kw["loss_type"])
+    weights = kw["loss_weights"] or [1.0] * len(types)
+    pair_weights = 1.0 if chosen_weights is None else (chosen_weights * rejected_weights).double()
+    scales = [torch.zeros_like(pc) for _ in range(4)]
+    for name, weight in zip(types, weights):
+        leaves = {k: v.detach().clone().requires_grad_(True) for k, v in values.items()}
+        terms = dict(leaves, beta=float(beta), ls=float(kw["label_smoothing"]), tau=float(kw["discopop_tau"]))
+        loss = reduce(weight * ref.PAIR_LOSSES[name](terms) * pair_weights)
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        d = {k: torch.zeros_like(pc) if g is None else g.abs() for k, g in zip(leaves, grads)}
+        chosen_paths = d["u_c"] + d["s_c"] * slope_c + d["h"] * beta * slope_c
+        rejected_paths = d["u_r"] + d["s_r"] * slope_r + d["h"] * beta * slope_r
+        for i, (own, paths) in enumerate(((d["pc"], chosen_paths), (d["pr"], rejected_paths),
+                                          (d["rc"], chosen_paths), (d["rr"], rejected_paths))):
+            scales[i] += own + paths
+    return scales
+
+
+# Policy minus reference log-ratios u within +-1.5: every f-divergence score then stays within e^1.5, so the
+# DPO logit |h| stays below ~20 for beta <= 2, where the float64 reference's sigmoid' keeps full precision and
+# a pair's gradient is far inside float32's range (at |h| = 100 it is 1e-44 and rounds to 0 in float32).
+LOG_RATIO_SPREAD = 1.5
+
+
 def _pair_inputs(seed: int, batch: int, dtype: torch.dtype) -> list:
     g = torch.Generator().manual_seed(seed)
     ref_c, ref_r = -30 * torch.rand(batch, generator=g), -30 * torch.rand(batch, generator=g)
-    delta = 10 * torch.rand(2, batch, generator=g) - 5
+    delta = LOG_RATIO_SPREAD * (2 * torch.rand(2, batch, generator=g) - 1)
     return [t.to(dtype) for t in (ref_c + delta[0], ref_r + delta[1], ref_c, ref_r)]
 
 
@@ -202,8 +247,11 @@ def test_fast_losses_match_reference(cfg, seed, batch, dtype, weighted):
     assert_close_to_reference(losses, expected, dtype=dtype, name=f"{cfg.loss_type} losses")
     assert_close_to_reference(chosen, exp_chosen, dtype=dtype, name="chosen_rewards")
     assert_close_to_reference(rejected, exp_rejected, dtype=dtype, name="rejected_rewards")
-    for name, g, e in zip(("pc", "pr", "rc", "rr"), grads, exp_grads):
-        assert_close_to_reference(g, e, dtype=dtype, kind="grad", name=f"{cfg.loss_type} d/d{name}")
+    scales = _pair_grad_scales(inputs, kw, *w64)
+    for name, g, e, scale in zip(("pc", "pr", "rc", "rr"), grads, exp_grads, scales):
+        # Pairs are independent (but for aot's sort): each pair's derivative is a row of its own.
+        assert_close_to_reference(g[:, None], e[:, None], dtype=dtype, kind="grad", name=f"{cfg.loss_type} d/d{name}",
+                                  row_scale=scale)
     out = dpo_loss(*inputs, config=cfg, chosen_weights=weights[0], rejected_weights=weights[1])
     assert isinstance(out, DPOOutput)
     assert_close_to_reference(out.loss, expected.mean(), dtype=dtype, name="dpo_loss op")
@@ -237,83 +285,163 @@ def test_dpo_loss_empty_batch_and_compile():
 # ---------------------------------------------------------------------------------------------
 # fused_dpo_loss vs reference.sequence_logprobs + reference.dpo_loss.
 
-BACKENDS = ["torch", "reference", "native", "triton"]
+BACKENDS = ["torch", "native"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _need_backend(backend: str) -> None:
-    # torch and reference always run; asking available_backends may build the native extension.
-    if backend in ("native", "triton") and backend not in available_backends("cpu"):
+    # asking available_backends may build the native extension.
+    if backend != "torch" and backend not in available_backends(DEVICE if backend == "triton" else "cpu"):
         pytest.skip(f"backend {backend!r} is not available in this process (available_backends lists it not)")
 
 
-def _fused_case(seed: int, batch: int, steps: int, vocab: int, dtype: torch.dtype):
+def _fused_case(seed: int, batch: int, steps: int, vocab: int, dtype: torch.dtype, ignore_index: int = -100,
+                temperature: float = 1.0, average: bool = False, ld_alpha=None):
+    """Logits ``[2B, T, V]`` of scale 4, some ignored targets, a random mask (the first rejected response
+    empty), and reference sequence log-probs within ``LOG_RATIO_SPREAD`` of the policy's (formed the same
+    way: ``temperature``, ``average``, ``ld_alpha``), so that the implicit rewards are O(1) as in training."""
     g = torch.Generator().manual_seed(seed)
     logits = (4 * torch.randn(2 * batch, steps, vocab, generator=g)).to(dtype)
     targets = torch.randint(0, vocab, (2 * batch, steps), generator=g)
-    targets[0, -1] = -100
+    targets[0, -1] = ignore_index
+    if steps > 2:
+        targets[-1, 1] = ignore_index
     mask = torch.rand(2 * batch, steps, generator=g) > 0.3
     mask[batch] = False  # the first rejected response is empty
-    ref_c, ref_r = -steps * torch.rand(batch, generator=g), -steps * torch.rand(batch, generator=g)
-    return logits, targets, mask, ref_c, ref_r
+    policy = ref.sequence_logprobs(logits, targets, mask, average=average, ld_alpha=ld_alpha,
+                                   temperature=temperature, ignore_index=ignore_index)
+    noise = LOG_RATIO_SPREAD * (2 * torch.rand(2 * batch, generator=g, dtype=torch.float64) - 1)
+    ref_logps = (policy + noise).float()
+    return logits, targets, mask, ref_logps[:batch], ref_logps[batch:]
 
 
-def _expected(logits, targets, mask, ref_c, ref_r, cfg: DPOConfig, temperature: float = 1.0):
+def _token_weights(targets, mask, cfg: DPOConfig, ignore_index: int) -> torch.Tensor:
+    """d(sequence log-prob)/d(token log-prob) ``[2B, T]``: response tokens, LD-DPO weights, 1/length."""
+    response = (targets != ignore_index) & mask.bool()
+    weights = response.double() if cfg.ld_alpha is None else ref.ld_token_weights(response, cfg.ld_alpha)
+    if cfg.average_logps:
+        weights = weights / response.sum(dim=1, keepdim=True).clamp(min=1).double()
+    return weights
+
+
+def _expected(logits, targets, mask, ref_c, ref_r, cfg: DPOConfig, temperature: float = 1.0,
+              ignore_index: int = -100):
+    """Reference sequence log-probs ``[2B]``, WPO weights (or None), rewards, d loss/d logits and the
+    gradient's row scale (per token, the pair scale of ``_pair_grad_scales`` times d seq/d logp_token)."""
     x = logits.detach().double().requires_grad_(True)
-    seq = ref.sequence_logprobs(x, targets, mask, average=cfg.average_logps, ld_alpha=cfg.ld_alpha,
-                                temperature=temperature)
+    options = dict(temperature=temperature, ignore_index=ignore_index)
+    seq = ref.sequence_logprobs(x, targets, mask, average=cfg.average_logps, ld_alpha=cfg.ld_alpha, **options)
     b = seq.shape[0] // 2
-    weights = ref.wpo_weights(x, targets, mask, temperature=temperature) if cfg.use_weighting else None
+    weights = ref.wpo_weights(x, targets, mask, **options) if cfg.use_weighting else None
+    pair_weights = (None, None) if weights is None else (weights[:b], weights[b:])
     kw = _kwargs(cfg) | {"loss_weights": cfg.loss_weights}
-    losses, chosen, rejected = ref.dpo_loss(
-        seq[:b], seq[b:], ref_c, ref_r, chosen_weights=None if weights is None else weights[:b],
-        rejected_weights=None if weights is None else weights[b:], **kw)
-    loss = losses.mean()
-    loss.backward()
-    return loss, chosen, rejected, x.grad
+    losses, chosen, rejected = ref.dpo_loss(seq[:b], seq[b:], ref_c, ref_r, chosen_weights=pair_weights[0],
+                                            rejected_weights=pair_weights[1], **kw)
+    losses.mean().backward()
+    pc_scale, pr_scale, _, _ = _pair_grad_scales((seq[:b], seq[b:], ref_c, ref_r), kw, *pair_weights,
+                                                 reduce=torch.mean)
+    row_scale = torch.cat([pc_scale, pr_scale])[:, None] * _token_weights(targets, mask, cfg, ignore_index)
+    return seq.detach(), weights, chosen, rejected, x.grad, row_scale
 
 
-def _check_fused(backend, dtype, cfg, case, temperature=1.0, inplace=False):
+def _check_fused(backend, dtype, cfg, case, temperature=1.0, inplace=False, ignore_index=-100):
+    """fused_dpo_loss on ``backend`` vs the reference: rewards, loss, margins, accuracy and d/dlogits.
+
+    With ``inplace`` the logits are a non-leaf (as a model's output is) and must hold the gradient right
+    after the forward; the gradient reaching their producer must match the reference too.
+    """
     logits, targets, mask, ref_c, ref_r = case
-    loss, chosen, rejected, grad = _expected(logits, targets, mask, ref_c, ref_r, cfg, temperature)
-    x = logits.clone().requires_grad_(True)
-    out = fused_dpo_loss(x, targets, mask, ref_c, ref_r, config=cfg, backend=backend, temperature=temperature,
-                         inplace_grad=inplace)
-    out.loss.backward()
+    seq, weights, chosen, rejected, grad, row_scale = _expected(logits, targets, mask, ref_c, ref_r, cfg,
+                                                                temperature, ignore_index)
+    device = DEVICE if backend == "triton" else "cpu"
+    leaf = logits.clone().to(device).requires_grad_(True)
+    x = leaf * 1.0 if inplace else leaf
+    out = fused_dpo_loss(x, targets.to(device), mask.to(device), ref_c.to(device), ref_r.to(device), config=cfg,
+                         backend=backend, temperature=temperature, inplace_grad=inplace, ignore_index=ignore_index)
     name = f"{backend} {cfg.loss_type}"
-    assert out.loss.dtype == torch.float32
-    assert_close_to_reference(out.loss, loss, dtype=dtype, name=f"{name} loss")
-    assert_close_to_reference(out.chosen_rewards, chosen, dtype=dtype, name=f"{name} chosen_rewards")
-    assert_close_to_reference(out.rejected_rewards, rejected, dtype=dtype, name=f"{name} rejected_rewards")
-    assert_close_to_reference(out.margins, chosen - rejected, dtype=dtype, name=f"{name} margins")
+    if inplace:
+        assert_close_to_reference(x.detach(), grad, dtype=dtype, kind="grad", name=f"{name} logits buffer",
+                                  row_scale=row_scale)
+    out.loss.backward()
+    assert out.loss.dtype == out.chosen_rewards.dtype == torch.float32
+    # A reward beta (policy - ref) of O(1) is the difference of two sequence log-probs of O(10), which
+    # float32 holds to ~1e-6 of themselves: compare the policy sequence log-probs the rewards carry, then
+    # the loss of the reference formulas at those sequence log-probs (the O(N) algebra on its own).
+    out = DPOOutput(*(t.cpu() for t in out))
+    b = len(ref_c)
+    policy = torch.cat([out.chosen_rewards, out.rejected_rewards]).double() / cfg.beta + torch.cat([ref_c, ref_r])
+    assert_close_to_reference(policy, seq, dtype=dtype, name=f"{name} rewards / beta + ref")
+    kw = _kwargs(cfg) | {"loss_weights": cfg.loss_weights}
+    loss_at_policy = ref.dpo_loss(policy[:b], policy[b:], ref_c, ref_r, **kw,
+                                  chosen_weights=None if weights is None else weights[:b],
+                                  rejected_weights=None if weights is None else weights[b:])[0].mean()
+    assert_close_to_reference(out.loss, loss_at_policy, dtype=dtype, name=f"{name} loss")
+    torch.testing.assert_close(out.margins, out.chosen_rewards - out.rejected_rewards)
     assert out.accuracy.item() == pytest.approx((chosen > rejected).double().mean().item())
-    assert x.grad.dtype == dtype
-    assert_close_to_reference(x.grad, grad, dtype=dtype, kind="grad", name=f"{name} d/dlogits")
+    assert leaf.grad.dtype == dtype
+    assert_close_to_reference(leaf.grad, grad, dtype=dtype, kind="grad", name=f"{name} d/dlogits",
+                              row_scale=row_scale)
+    ignored = targets == ignore_index
+    assert bool((leaf.grad.cpu()[ignored] == 0).all())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("backend", ["torch", "reference", "native"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
 def test_fused_matches_reference_every_loss_type(loss_type, backend, dtype):
     _need_backend(backend)
     cfg = DPOConfig(beta=0.2, loss_type=loss_type, label_smoothing=0.1,
                     average_logps=loss_type == "ipo")
-    _check_fused(backend, dtype, cfg, _fused_case(11, 3, 5, 37, dtype))
+    _check_fused(backend, dtype, cfg, _fused_case(11, 3, 5, 37, dtype, average=cfg.average_logps))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=20)
 @given(cfg=configs, seed=st.integers(0, 2**16), batch=st.integers(1, 3), steps=st.integers(1, 6),
        vocab=st.integers(2, 60), average=st.booleans(), ld_alpha=st.sampled_from([None, 0.0, 0.5]),
-       weighting=st.booleans(), temperature=st.sampled_from([1.0, 0.7]),
+       weighting=st.booleans(), temperature=st.sampled_from([1.0, 0.7, 1.6]), ignore_index=st.sampled_from([-100, -1]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]))
-def test_fused_options_match_reference(cfg, seed, batch, steps, vocab, average, ld_alpha, weighting,
-                                       temperature, dtype):
+def test_fused_options_match_reference(backend, cfg, seed, batch, steps, vocab, average, ld_alpha, weighting,
+                                       temperature, ignore_index, dtype):
+    _need_backend(backend)
     cfg = cfg.with_overrides(average_logps=average, ld_alpha=ld_alpha, use_weighting=weighting)
-    _check_fused("torch", dtype, cfg, _fused_case(seed, batch, steps, vocab, dtype), temperature)
+    case = _fused_case(seed, batch, steps, vocab, dtype, ignore_index, temperature, average, ld_alpha)
+    _check_fused(backend, dtype, cfg, case, temperature, ignore_index=ignore_index)
 
 
-def test_fused_inplace_grad_matches_reference():
-    cfg = DPOConfig(loss_type=("sigmoid", "apo_zero"), use_weighting=True, ld_alpha=0.5)
-    _check_fused("torch", torch.float32, cfg, _fused_case(5, 2, 4, 29, torch.float32), inplace=True)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ignore_index", [-100, -1, 0])
+def test_fused_ignore_index_and_temperature_match_reference(backend, ignore_index):
+    # 0 is a class id: tokens whose target is 0 are not response tokens, whatever the mask says.
+    _need_backend(backend)
+    cfg = DPOConfig(loss_type=("sigmoid", "bco_pair"), beta=0.3, use_weighting=True)
+    case = _fused_case(4, 2, 6, 41, torch.float32, ignore_index, temperature=0.8)
+    _check_fused(backend, torch.float32, cfg, case, temperature=0.8, ignore_index=ignore_index)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_fused_vocabulary_over_one_native_block_matches_reference(backend, temperature):
+    # V = 2500 > 2048: the native kernel walks each row in two blocks.
+    _need_backend(backend)
+    cfg = DPOConfig(loss_type="sigmoid", beta=0.5, ld_alpha=0.5)
+    case = _fused_case(6, 1, 3, 2500, torch.float32, temperature=temperature, ld_alpha=0.5)
+    _check_fused(backend, torch.float32, cfg, case, temperature=temperature)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", [
+    dict(cfg=DPOConfig(loss_type=("sigmoid", "apo_zero"), use_weighting=True, ld_alpha=0.5)),
+    dict(cfg=DPOConfig(loss_type="ipo", average_logps=True), temperature=0.7, ignore_index=-1),
+], ids=["mixture_wpo_ld", "ipo_temperature_ignore"])
+def test_fused_inplace_grad_overwrites_logits_with_the_reference_gradient(options, backend, dtype):
+    _need_backend(backend)
+    options = dict(options)
+    cfg = options.pop("cfg")
+    case = _fused_case(5, 2, 4, 29, dtype, options.get("ignore_index", -100), options.get("temperature", 1.0),
+                       cfg.average_logps, cfg.ld_alpha)
+    _check_fused(backend, dtype, cfg, case, inplace=True, **options)
 
 
 @pytest.mark.triton
@@ -321,7 +449,15 @@ def test_fused_inplace_grad_matches_reference():
 def test_fused_triton_matches_reference(loss_type):
     _need_backend("triton")
     cfg = DPOConfig(loss_type=loss_type, use_weighting=loss_type == "discopop", average_logps=loss_type == "ipo")
-    _check_fused("triton", torch.float32, cfg, _fused_case(2, 2, 4, 70, torch.float32))
+    _check_fused("triton", torch.float32, cfg, _fused_case(2, 2, 4, 70, torch.float32, average=cfg.average_logps))
+
+
+@pytest.mark.triton
+def test_fused_triton_inplace_with_temperature_and_ignore_index():
+    _need_backend("triton")
+    cfg = DPOConfig(loss_type=("sigmoid", "hinge"), ld_alpha=0.5)
+    case = _fused_case(3, 2, 4, 70, torch.float32, -1, 0.7, ld_alpha=0.5)
+    _check_fused("triton", torch.float32, cfg, case, temperature=0.7, inplace=True, ignore_index=-1)
 
 
 # ---------------------------------------------------------------------------------------------
