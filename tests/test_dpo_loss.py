@@ -344,6 +344,27 @@ def _expected(logits, targets, mask, ref_c, ref_r, cfg: DPOConfig, temperature: 
     return seq.detach(), weights, chosen, rejected, x.grad, row_scale
 
 
+def _check_outputs(out: DPOOutput, seq, weights, chosen, rejected, ref_c, ref_r, cfg: DPOConfig, dtype, name: str):
+    """A DPO op's outputs vs the reference sequence log-probs ``seq`` and rewards (from ``_expected``).
+
+    A reward beta (policy - ref) of O(1) is the difference of two sequence log-probs of O(10), which float32
+    holds to ~1e-6 of themselves: compare the policy sequence log-probs the rewards carry, then the loss
+    of the reference formulas at those sequence log-probs (the O(N) algebra on its own).
+    """
+    assert out.loss.dtype == out.chosen_rewards.dtype == torch.float32
+    out = DPOOutput(*(t.detach().cpu() for t in out))
+    b = len(ref_c)
+    policy = torch.cat([out.chosen_rewards, out.rejected_rewards]).double() / cfg.beta + torch.cat([ref_c, ref_r])
+    assert_close_to_reference(policy, seq, dtype=dtype, name=f"{name} rewards / beta + ref")
+    kw = _kwargs(cfg) | {"loss_weights": cfg.loss_weights}
+    loss_at_policy = ref.dpo_loss(policy[:b], policy[b:], ref_c, ref_r, **kw,
+                                  chosen_weights=None if weights is None else weights[:b],
+                                  rejected_weights=None if weights is None else weights[b:])[0].mean()
+    assert_close_to_reference(out.loss, loss_at_policy, dtype=dtype, name=f"{name} loss")
+    torch.testing.assert_close(out.margins, out.chosen_rewards - out.rejected_rewards)
+    assert out.accuracy.item() == pytest.approx((chosen > rejected).double().mean().item())
+
+
 def _check_fused(backend, dtype, cfg, case, temperature=1.0, inplace=False, ignore_index=-100):
     """fused_dpo_loss on ``backend`` vs the reference: rewards, loss, margins, accuracy and d/dlogits.
 
@@ -363,21 +384,7 @@ def _check_fused(backend, dtype, cfg, case, temperature=1.0, inplace=False, igno
         assert_close_to_reference(x.detach(), grad, dtype=dtype, kind="grad", name=f"{name} logits buffer",
                                   row_scale=row_scale)
     out.loss.backward()
-    assert out.loss.dtype == out.chosen_rewards.dtype == torch.float32
-    # A reward beta (policy - ref) of O(1) is the difference of two sequence log-probs of O(10), which
-    # float32 holds to ~1e-6 of themselves: compare the policy sequence log-probs the rewards carry, then
-    # the loss of the reference formulas at those sequence log-probs (the O(N) algebra on its own).
-    out = DPOOutput(*(t.cpu() for t in out))
-    b = len(ref_c)
-    policy = torch.cat([out.chosen_rewards, out.rejected_rewards]).double() / cfg.beta + torch.cat([ref_c, ref_r])
-    assert_close_to_reference(policy, seq, dtype=dtype, name=f"{name} rewards / beta + ref")
-    kw = _kwargs(cfg) | {"loss_weights": cfg.loss_weights}
-    loss_at_policy = ref.dpo_loss(policy[:b], policy[b:], ref_c, ref_r, **kw,
-                                  chosen_weights=None if weights is None else weights[:b],
-                                  rejected_weights=None if weights is None else weights[b:])[0].mean()
-    assert_close_to_reference(out.loss, loss_at_policy, dtype=dtype, name=f"{name} loss")
-    torch.testing.assert_close(out.margins, out.chosen_rewards - out.rejected_rewards)
-    assert out.accuracy.item() == pytest.approx((chosen > rejected).double().mean().item())
+    _check_outputs(out, seq, weights, chosen, rejected, ref_c, ref_r, cfg, dtype, name)
     assert leaf.grad.dtype == dtype
     assert_close_to_reference(leaf.grad, grad, dtype=dtype, kind="grad", name=f"{name} d/dlogits",
                               row_scale=row_scale)

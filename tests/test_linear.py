@@ -1,6 +1,8 @@
 """The lm_head paths (``fk.linear_*``) against the float64 reference and the logits path on hidden @ W^T + b."""
 
+import dataclasses
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -12,22 +14,36 @@ import fastrl_kernels as fk
 from fastrl_kernels import reference
 from fastrl_kernels.ops import linear_chunks
 from fastrl_kernels.ops.linear import count_gemms
-from fastrl_kernels.testing import assert_close_to_reference, policy_configs
+from fastrl_kernels.reference import dpo as dpo_ref
+from fastrl_kernels.testing import assert_close_to_reference, coefficient_scale, policy_configs
 from fastrl_kernels.testing.strategies import masks, seeds, vocab_sizes
+from tests.backends_under_test import cpu_fused_backends
+from tests.test_dpo_loss import LOG_RATIO_SPREAD
+from tests.test_dpo_loss import _check_outputs as check_dpo_outputs
+from tests.test_dpo_loss import _expected as dpo_expected
 
+BACKENDS = cpu_fused_backends()
 SEPARABLE = ("clip", "cispo", "sapo")
 HIDDEN_SIZES = st.sampled_from((1, 2, 7, 13, 31, 64)) | st.integers(1, 48)
+TRANSFORMS = {
+    "plain": dict(),
+    "temperature": dict(temperature=0.7),
+    "logit_scale": dict(logit_scale=2.5),
+    "softcap": dict(softcap=3.0),
+    "all": dict(temperature=1.6, logit_scale=0.5, softcap=2.0),
+}
 
 
-def _problem(leading, hidden_size, vocab, seed, dtype=torch.float32, with_bias=True, ignore=True):
-    """hidden ~ N(0, 1), weight ~ N(0, 4 / H), bias ~ N(0, 1): logits of scale ~2 whatever H."""
+def _problem(leading, hidden_size, vocab, seed, dtype=torch.float32, with_bias=True, ignore=True, ignore_index=-100):
+    """hidden ~ N(0, 1), weight ~ N(0, 4 / H), bias ~ N(0, 1): logits of scale ~2 whatever H; ~20% of the
+    targets ``ignore_index`` when ``ignore``."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn((*leading, hidden_size), generator=g).to(dtype)
     weight = (2.0 * torch.randn((vocab, hidden_size), generator=g) / hidden_size**0.5).to(dtype)
     bias = torch.randn(vocab, generator=g).to(dtype) if with_bias else None
     targets = torch.randint(0, vocab, leading, generator=g)
     if ignore:
-        targets = targets.masked_fill(torch.rand(leading, generator=g) < 0.2, -100)
+        targets = targets.masked_fill(torch.rand(leading, generator=g) < 0.2, ignore_index)
     return hidden, weight, bias, targets
 
 
@@ -47,50 +63,124 @@ def _reference_logits(hidden, weight, bias):
     return logits.detach().double().requires_grad_(True)
 
 
-def _chain(logits, hidden, weight, bias):
-    """Reference grads of hidden, weight, bias (float64) from the reference grad of the logits."""
-    g = logits.grad.reshape(-1, logits.shape[-1])
+def _chain(logits, hidden, weight, bias, grad=None):
+    """Reference grads of hidden, weight, bias (float64) from the reference grad of the logits (``grad``, or
+    ``logits.grad``)."""
+    g = (logits.grad if grad is None else grad).reshape(-1, logits.shape[-1])
     h = hidden.detach().double().reshape(-1, hidden.shape[-1])
     grads = [(g @ weight.detach().double()).view(hidden.shape), g.t() @ h]
     return grads + ([g.sum(0)] if bias is not None else [None])
 
 
-def _assert_grads(leaves, expected, dtype, name):
-    for label, leaf, ref in zip(("hidden", "weight", "bias"), leaves, expected):
+def _chain_scales(logits, targets, coefficient, hidden, weight, ignore_index=-100, temperature=1.0,
+                  logit_scale=1.0, softcap=None):
+    """Row scales of the hidden, weight and bias gradients: the sizes of the terms their GEMMs add up.
+
+    Row i of dL/dlogits is k g_i (1[j=y] - p_j) + ... with terms of size k c_i (p_ij + 1[j=y_i]), c_i the
+    token's |dL/dlogp| + |dL/dH| (``coefficient``) and k = logit_scale / temperature >= |dx/dz|. With A those
+    term sizes: hidden row i -> max_h (A |W|)_ih, weight row j -> max_h (A^T |hidden|)_jh, bias j -> sum_i A_ij.
+    """
+    x = reference.transformed_logits(logits.detach(), temperature=temperature, logit_scale=logit_scale,
+                                     softcap=softcap)
+    p = torch.softmax(x, dim=-1).reshape(-1, x.shape[-1])
+    flat_targets = targets.reshape(-1)
+    valid = flat_targets != ignore_index
+    onehot = torch.zeros_like(p)
+    onehot[valid.nonzero().squeeze(1), flat_targets[valid]] = 1.0
+    c = coefficient.detach().double().reshape(-1, 1) * valid.double().unsqueeze(1) * (logit_scale / temperature)
+    terms = c * (p + onehot)
+    h = hidden.detach().double().reshape(-1, hidden.shape[-1])
+    hidden_scale = (terms @ weight.detach().double().abs()).amax(dim=-1).view(hidden.shape[:-1])
+    weight_scale = (terms.t() @ h.abs()).amax(dim=-1)
+    return hidden_scale, weight_scale, terms.sum(dim=0)
+
+
+def _assert_grads(leaves, expected, dtype, name, scales):
+    for label, leaf, ref, scale in zip(("hidden", "weight", "bias"), leaves, expected, scales):
         if leaf is None:
             continue
         assert leaf.grad is not None and leaf.grad.dtype == leaf.dtype, f"{name}: grad of {label}"
-        assert_close_to_reference(leaf.grad, ref, dtype=dtype, kind="grad", name=f"{name} grad {label}")
+        grad = leaf.grad
+        if label == "bias":  # each vocabulary entry is a row of its own
+            grad, ref = grad.unsqueeze(-1), ref.unsqueeze(-1)
+        assert_close_to_reference(grad, ref, dtype=dtype, kind="grad", name=f"{name} grad {label}", row_scale=scale)
 
 
 def _chunks(n_rows, chunk_size):
     return -(-n_rows // chunk_size)
 
 
-@settings(max_examples=20)
-@given(rows=st.integers(1, 40), hidden_size=HIDDEN_SIZES, vocab=vocab_sizes(400), seed=seeds(),
-       chunk=st.integers(1, 45), with_bias=st.booleans(), data=st.data())
-def test_token_logprobs_match_reference(rows, hidden_size, vocab, seed, chunk, with_bias, data):
-    temperature = data.draw(st.sampled_from((1.0, 0.7, 1.6)))
-    softcap = data.draw(st.sampled_from((None, 3.0)))
-    hidden, weight, bias, targets = _problem((rows,), hidden_size, vocab, seed, with_bias=with_bias)
+def _check_token_logprobs(hidden, weight, bias, targets, backend="torch", chunk=None, with_entropy=True, seed=0,
+                          **options):
+    """linear_token_logprobs forward and hidden / weight / bias gradients vs the float64 reference on the
+    logits the op sees, the backward driven by random coefficients (a, b) on (logp, entropy)."""
+    rows = targets.numel()
     leaves = _leaves(hidden, weight, bias)
     with count_gemms() as counter:
-        logp, entropy = fk.linear_token_logprobs(*leaves[:2], targets, bias=leaves[2], temperature=temperature,
-                                                 softcap=softcap, backend="torch", chunk_size=chunk)
+        logp, entropy = fk.linear_token_logprobs(*leaves[:2], targets, bias=leaves[2], backend=backend,
+                                                 chunk_size=chunk, with_entropy=with_entropy, **options)
         g = torch.Generator().manual_seed(seed)
-        a, b = torch.randn(rows, generator=g), torch.randn(rows, generator=g)
-        (a * logp + b * entropy).sum().backward()
-    assert logp.dtype == entropy.dtype == torch.float32 and logp.shape == (rows,)
-    n = _chunks(rows, chunk)
+        a, b = torch.randn(targets.shape, generator=g), torch.randn(targets.shape, generator=g)
+        ((a * logp).sum() + ((b * entropy).sum() if with_entropy else 0.0)).backward()
+    assert logp.dtype == torch.float32 and logp.shape == targets.shape
     assert counter.routes == ["stats", "logprobs_backward"]
-    assert (counter.logits, counter.grad_hidden, counter.grad_weight) == (2 * n, n, n)
+    if chunk is not None:
+        n = _chunks(rows, chunk)
+        assert (counter.logits, counter.grad_hidden, counter.grad_weight) == (2 * n, n, n)
     logits = _reference_logits(hidden, weight, bias)
-    ref_logp, ref_entropy = reference.token_logprobs(logits, targets, temperature=temperature, softcap=softcap)
-    (a.double() * ref_logp + b.double() * ref_entropy).sum().backward()
-    assert_close_to_reference(logp, ref_logp, dtype=torch.float32, name="logp")
-    assert_close_to_reference(entropy, ref_entropy, dtype=torch.float32, name="entropy")
-    _assert_grads(leaves, _chain(logits, hidden, weight, bias), torch.float32, "token_logprobs")
+    ref_logp, ref_entropy = reference.token_logprobs(logits, targets, **options)
+    assert_close_to_reference(logp, ref_logp, dtype=hidden.dtype, name=f"{backend} logp")
+    if with_entropy:
+        assert_close_to_reference(entropy, ref_entropy, dtype=hidden.dtype, name=f"{backend} entropy")
+        (a.double() * ref_logp + b.double() * ref_entropy).sum().backward()
+        coefficient = a.abs() + b.abs()
+    else:
+        assert entropy is None
+        (a.double() * ref_logp).sum().backward()
+        coefficient = a.abs()
+    scales = _chain_scales(logits, targets, coefficient, hidden, weight, **options)
+    _assert_grads(leaves, _chain(logits, hidden, weight, bias), hidden.dtype, f"{backend} token_logprobs", scales)
+    ignored = targets == options.get("ignore_index", -100)
+    assert bool((logp[ignored] == 0).all()) and bool((leaves[0].grad[ignored] == 0).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=20)
+@given(rows=st.integers(1, 40), hidden_size=HIDDEN_SIZES, vocab=vocab_sizes(400, min_vocab=2), seed=seeds(),
+       chunk=st.integers(1, 45), with_bias=st.booleans(), data=st.data())
+def test_token_logprobs_match_reference(backend, rows, hidden_size, vocab, seed, chunk, with_bias, data):
+    options = dict(temperature=data.draw(st.sampled_from((1.0, 0.7, 1.6))),
+                   logit_scale=data.draw(st.sampled_from((1.0, 2.0, 0.5))),
+                   softcap=data.draw(st.sampled_from((None, 3.0))),
+                   ignore_index=data.draw(st.sampled_from((-100, -1))))
+    hidden, weight, bias, targets = _problem((rows,), hidden_size, vocab, seed, with_bias=with_bias,
+                                             ignore_index=options["ignore_index"])
+    _check_token_logprobs(hidden, weight, bias, targets, backend, chunk, data.draw(st.booleans()), seed, **options)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+@pytest.mark.parametrize("ignore_index", [-100, -1])
+def test_token_logprobs_options_match_reference(backend, transform, ignore_index):
+    # V = 2500: two blocks of the native kernel; batched [B, T] leading shape, chunks of 5 rows.
+    hidden, weight, bias, targets = _problem((2, 7), 24, 2500, seed=31, ignore_index=ignore_index)
+    _check_token_logprobs(hidden, weight, bias, targets, backend, 5, ignore_index=ignore_index,
+                          **TRANSFORMS[transform])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("transform", ["plain", "all"])
+def test_token_logprobs_without_entropy_match_reference(backend, transform):
+    hidden, weight, bias, targets = _problem((13,), 16, 301, seed=32)
+    _check_token_logprobs(hidden, weight, bias, targets, backend, 4, with_entropy=False, **TRANSFORMS[transform])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_token_vocabulary(backend):
+    hidden, weight, bias, targets = _problem((6,), 5, 1, seed=33)
+    _check_token_logprobs(hidden, weight, bias, targets, backend, 4, temperature=0.5, softcap=2.0)
+    logp, entropy = fk.linear_token_logprobs(hidden, weight, targets, bias=bias, backend=backend)
+    assert bool((logp == 0).all()) and bool((entropy == 0).all())
 
 
 def _policy_case(data, dtype=torch.float32, loss_types=fk.config.POLICY_LOSS_TYPES):
@@ -117,12 +207,28 @@ def _policy_case(data, dtype=torch.float32, loss_types=fk.config.POLICY_LOSS_TYP
     return hidden, weight, bias, inputs, config, chunk
 
 
-def _check_policy(hidden, weight, bias, inputs, config, chunk, backend="torch"):
+def _policy_coefficient_scale(logits, config, inputs, **options):
+    """Per token, |dL/dlogp| + |dL/dH| of the policy, KL and entropy terms computed one at a time (they can
+    cancel in the sum)."""
+    zero_adv = torch.zeros_like(inputs["advantages"])
+    scale = 0.0
+    for advantages, kl_coef, entropy_coef in ((inputs["advantages"], 0.0, 0.0), (zero_adv, config.kl_coef, 0.0),
+                                              (zero_adv, 0.0, config.entropy_coef)):
+        term = dataclasses.replace(config, kl_coef=kl_coef, entropy_coef=entropy_coef)
+        loss, logp, entropy, _ = reference.policy_loss(logits.detach().requires_grad_(True), config=term,
+                                                       **(inputs | {"advantages": advantages}), **options)
+        scale = scale + coefficient_scale(loss, logp, entropy)
+    return scale
+
+
+def _check_policy(hidden, weight, bias, inputs, config, chunk, backend="torch", **options):
+    """linear_policy_loss vs reference.policy_loss on the logits: routes and GEMM counts, loss, logprobs,
+    entropy, metrics and the hidden / weight / bias gradients. ``options``: ignore_index, logit_scale, softcap."""
     dtype = hidden.dtype
     leaves = _leaves(hidden, weight, bias)
     with count_gemms() as counter:
         out = fk.linear_policy_loss(*leaves[:2], config=config, bias=leaves[2], backend=backend, chunk_size=chunk,
-                                    **inputs)
+                                    **inputs, **options)
         out.loss.backward()
     n = _chunks(hidden.shape[0] * hidden.shape[1], chunk)
     if config.loss_type in SEPARABLE:
@@ -130,9 +236,9 @@ def _check_policy(hidden, weight, bias, inputs, config, chunk, backend="torch"):
     else:
         assert counter.routes == ["stats", "two_pass"] and counter.total == 4 * n
     logits = _reference_logits(hidden, weight, bias)
-    loss, logp, entropy, metrics = reference.policy_loss(logits, config=config, **inputs)
+    loss, logp, entropy, metrics = reference.policy_loss(logits, config=config, **inputs, **options)
     loss.backward()
-    name = f"{config.loss_type}/{config.loss_agg}"
+    name = f"{backend} {config.loss_type}/{config.loss_agg}"
     assert out.loss.dtype == torch.float32 and out.loss.dim() == 0
     assert_close_to_reference(out.loss, loss, dtype=dtype, name=f"{name} loss")
     assert_close_to_reference(out.logprobs, logp, dtype=dtype, name="logprobs")
@@ -141,7 +247,10 @@ def _check_policy(hidden, weight, bias, inputs, config, chunk, backend="torch"):
     for key, value in metrics.items():
         if key not in ("clip_frac_low", "clip_frac_high"):  # a ratio at the clip boundary may go either way
             assert_close_to_reference(out.metrics[key], value, dtype=dtype, name=f"metric {key}")
-    _assert_grads(leaves, _chain(logits, hidden, weight, bias), dtype, name)
+    coefficient = _policy_coefficient_scale(logits, config, inputs, **options)
+    scales = _chain_scales(logits, inputs["targets"], coefficient, hidden, weight, temperature=config.temperature,
+                           **options)
+    _assert_grads(leaves, _chain(logits, hidden, weight, bias), dtype, name, scales)
     return out
 
 
@@ -161,6 +270,24 @@ def test_half_precision_matches_reference_on_rounded_logits(dtype, loss_type):
                   mask=torch.rand(3, 11) > 0.3, ref_logprobs=logp.float())
     config = fk.PolicyLossConfig(loss_type=loss_type, kl_coef=0.05, entropy_coef=0.01)
     _check_policy(hidden, weight, bias, inputs, config, chunk=7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_type", ["clip", "gspo"])
+@pytest.mark.parametrize("transform", ["logit_scale", "softcap", "all"])
+def test_policy_loss_transform_and_ignore_index_match_reference(backend, loss_type, transform):
+    options = dict(TRANSFORMS[transform])
+    temperature = options.pop("temperature", 1.0)
+    hidden, weight, bias, targets = _problem((3, 7), 16, 2100, seed=34, ignore_index=-1)
+    logits = _reference_logits(hidden, weight, bias).detach()
+    logp, _ = reference.token_logprobs(logits, targets, ignore_index=-1, temperature=temperature, **options)
+    g = torch.Generator().manual_seed(34)
+    inputs = dict(targets=targets, old_logprobs=(logp + 0.2 * torch.randn(3, 7, generator=g)).float(),
+                  advantages=torch.randn(3, generator=g), mask=torch.rand(3, 7, generator=g) > 0.2,
+                  ref_logprobs=(logp + 0.3 * torch.randn(3, 7, generator=g)).float())
+    config = fk.PolicyLossConfig(loss_type=loss_type, kl_coef=0.1, entropy_coef=0.01, temperature=temperature)
+    out = _check_policy(hidden, weight, bias, inputs, config, chunk=5, backend=backend, ignore_index=-1, **options)
+    assert bool((out.logprobs[targets == -1] == 0).all())
 
 
 def test_policy_loss_equals_logits_path_in_value():
@@ -214,8 +341,11 @@ def test_logprobs_output_feeding_another_loss_gets_its_gradient():
     assert counter.routes == ["fused", "logprobs_backward"]
     logits = _reference_logits(hidden, weight, bias)
     loss, logp, entropy, _ = reference.policy_loss(logits, targets, old, adv)
+    # The policy term's coefficients plus those of the two extra terms (0.5 and 0.25 per token).
+    coefficient = coefficient_scale(loss, logp, entropy) + 0.75
     (loss + 0.5 * logp.sum() - 0.25 * entropy.sum()).backward()
-    _assert_grads(leaves, _chain(logits, hidden, weight, bias), torch.float32, "extra logp grad")
+    scales = _chain_scales(logits, targets, coefficient, hidden, weight)
+    _assert_grads(leaves, _chain(logits, hidden, weight, bias), torch.float32, "extra logp grad", scales)
 
 
 def test_loss_input_gradients_match_logits_path():
@@ -271,44 +401,90 @@ def test_no_grad_runs_stats_only_and_allocates_no_grad_buffers(op, monkeypatch):
     assert not result[0].requires_grad
 
 
-@pytest.mark.parametrize("case", [
-    dict(loss_type="sigmoid"),
-    dict(loss_type="ipo", average_logps=True),
-    dict(loss_type=["sigmoid", "hinge"], loss_weights=[1.0, 0.5], ld_alpha=0.5),
-    dict(loss_type="sigmoid", use_weighting=True, beta=0.5),
-])
-def test_dpo_matches_fused_logits_path_and_reference(case):
-    hidden, weight, bias, targets = _problem((4, 7), 12, 97, seed=9)
+def _dpo_problem(seed, vocab=97, ignore_index=-100, temperature=1.0, average=False, ld_alpha=None):
+    """Two pairs of 7 steps, masked prompts, one short response; reference sequence log-probs within
+    LOG_RATIO_SPREAD of the policy's (formed the same way)."""
+    hidden, weight, bias, targets = _problem((4, 7), 12, vocab, seed=seed, ignore_index=ignore_index)
     mask = torch.ones(4, 7, dtype=torch.bool)
     mask[:, :2] = False
     mask[1, 5:] = False
-    ref_c, ref_r = torch.tensor([-30.0, -28.0]), torch.tensor([-29.0, -31.0])
+    policy = dpo_ref.sequence_logprobs(_reference_logits(hidden, weight, bias).detach(), targets, mask,
+                                       average=average, ld_alpha=ld_alpha, temperature=temperature,
+                                       ignore_index=ignore_index)
+    g = torch.Generator().manual_seed(seed)
+    ref_logps = (policy + LOG_RATIO_SPREAD * (2 * torch.rand(4, generator=g, dtype=torch.float64) - 1)).float()
+    return hidden, weight, bias, targets, mask, ref_logps[:2], ref_logps[2:]
+
+
+def _check_dpo(backend, config, chunk=5, temperature=1.0, ignore_index=-100, vocab=97, seed=9):
+    """linear_dpo_loss vs the float64 reference on the logits (two sweeps: 4 GEMMs a chunk), outputs and the
+    hidden / weight / bias gradients; returns the op's output and the problem."""
+    problem = _dpo_problem(seed, vocab, ignore_index, temperature, config.average_logps, config.ld_alpha)
+    hidden, weight, bias, targets, mask, ref_c, ref_r = problem
     leaves = _leaves(hidden, weight, bias)
     with count_gemms() as counter:
-        out = fk.linear_dpo_loss(*leaves[:2], targets, mask, ref_c, ref_r, bias=leaves[2], chunk_size=5,
-                                 backend="torch", **case)
+        out = fk.linear_dpo_loss(*leaves[:2], targets, mask, ref_c, ref_r, bias=leaves[2], chunk_size=chunk,
+                                 backend=backend, config=config, temperature=temperature, ignore_index=ignore_index)
         out.loss.backward()
-    assert counter.routes == ["stats", "two_pass"] and counter.total == 4 * _chunks(28, 5)
+    assert counter.routes == ["stats", "two_pass"] and counter.total == 4 * _chunks(28, chunk)
     logits = _reference_logits(hidden, weight, bias)
-    expected = fk.fused_dpo_loss(logits, targets, mask, ref_c, ref_r, backend="reference", **case)
-    expected.loss.backward()
-    for field in expected._fields:
-        assert_close_to_reference(getattr(out, field), getattr(expected, field), dtype=torch.float32, name=field)
-    _assert_grads(leaves, _chain(logits, hidden, weight, bias), torch.float32, f"dpo {case}")
-    logits32 = logits.detach().float()
-    fused = fk.fused_dpo_loss(logits32, targets, mask, ref_c, ref_r, backend="torch", **case)
+    seq, weights, chosen, rejected, grad, coefficient = dpo_expected(logits, targets, mask, ref_c, ref_r, config,
+                                                                     temperature, ignore_index)
+    name = f"{backend} dpo {config.loss_type}"
+    check_dpo_outputs(out, seq, weights, chosen, rejected, ref_c, ref_r, config, torch.float32, name)
+    scales = _chain_scales(logits, targets, coefficient, hidden, weight, ignore_index, temperature)
+    _assert_grads(leaves, _chain(logits, hidden, weight, bias, grad), torch.float32, name, scales)
+    return out, problem
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [
+    dict(loss_type="sigmoid"),
+    dict(loss_type="ipo", average_logps=True),
+    dict(loss_type=("sigmoid", "hinge"), loss_weights=(1.0, 0.5), ld_alpha=0.5),
+    dict(loss_type="sigmoid", use_weighting=True, beta=0.5),
+], ids=["sigmoid", "ipo", "mixture_ld", "wpo"])
+def test_dpo_matches_reference_and_fused_logits_path(backend, case):
+    out, (hidden, weight, bias, targets, mask, ref_c, ref_r) = _check_dpo(backend, fk.DPOConfig(**case))
+    logits32 = torch.addmm(bias, hidden.view(28, 12), weight.t()).view(4, 7, -1)
+    fused = fk.fused_dpo_loss(logits32, targets, mask, ref_c, ref_r, backend=backend, **case)
     torch.testing.assert_close(out.loss, fused.loss, rtol=1e-5, atol=1e-6)
 
 
-def test_reference_backend_equals_reference_on_full_logits():
-    hidden, weight, bias, targets = _problem((2, 4), 8, 33, seed=10)
-    logp, entropy = fk.linear_token_logprobs(hidden, weight, targets, bias=bias, backend="reference")
-    expected = reference.token_logprobs(_reference_logits(hidden, weight, bias), targets)
-    torch.testing.assert_close(logp, expected[0].float())
-    torch.testing.assert_close(entropy, expected[1].float())
-    out = fk.linear_policy_loss(hidden, weight, targets, torch.full((2, 4), -3.5), torch.randn(2), bias=bias,
-                                backend="reference")
-    assert out.loss.dtype == torch.float32
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ignore_index", [-100, -1])
+def test_dpo_temperature_and_ignore_index_match_reference(backend, ignore_index):
+    # V = 2100: two blocks of the native kernel.
+    config = fk.DPOConfig(loss_type=("sigmoid", "apo_zero"), beta=0.3, use_weighting=True)
+    _check_dpo(backend, config, chunk=6, temperature=0.7, ignore_index=ignore_index, vocab=2100, seed=35)
+
+
+def test_reference_backend_gives_hand_values():
+    # hidden = e_1, e_2 and a one-hot weight give logits [0, ln 3] and [ln 3, 0] (bias 0).
+    ln3 = math.log(3.0)
+    hidden = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    weight = torch.tensor([[0.0, ln3], [ln3, 0.0]])
+    targets = torch.tensor([1, 1, -1])
+    logp, entropy = fk.linear_token_logprobs(hidden, weight, targets, ignore_index=-1, backend="reference")
+    h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert logp.dtype == entropy.dtype == torch.float32
+    torch.testing.assert_close(logp, torch.tensor([math.log(0.75), math.log(0.25), 0.0]), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(entropy, torch.tensor([h, h, 0.0]), rtol=1e-6, atol=1e-7)
+    # bias [1, 0] and temperature 0.5: row 0 has logits [1, ln 3], x = [2, 2 ln 3].
+    bias = torch.tensor([1.0, 0.0])
+    logp, _ = fk.linear_token_logprobs(hidden[:1], weight, targets[:1], bias=bias, temperature=0.5, backend="reference")
+    x = torch.tensor([2.0, 2 * ln3], dtype=torch.float64)
+    torch.testing.assert_close(logp, torch.log_softmax(x, 0)[1:].float(), rtol=1e-6, atol=1e-7)
+    # policy loss at ratio 1 (old = logp): clip loss = -mean(A) over unmasked tokens, gradient-free metrics.
+    old = torch.tensor([math.log(0.75), math.log(0.25)])
+    out = fk.linear_policy_loss(hidden[:2].unsqueeze(0), weight, targets[:2].unsqueeze(0), old.unsqueeze(0),
+                                torch.tensor([[2.0, -1.0]]), backend="reference")
+    torch.testing.assert_close(out.loss, torch.tensor(-0.5), rtol=1e-6, atol=1e-7)
+    # DPO sigmoid: pair (chosen row 0, rejected row 1), policy log-probs ln 0.75 and ln 0.25, refs 0.
+    dpo = fk.linear_dpo_loss(hidden[:2].unsqueeze(1), weight, targets[:2].unsqueeze(1), None, torch.zeros(1),
+                             torch.zeros(1), beta=0.5, backend="reference")
+    margin = 0.5 * (math.log(0.75) - math.log(0.25))
+    torch.testing.assert_close(dpo.loss, torch.tensor(math.log1p(math.exp(-margin)), dtype=torch.float32))
 
 
 def test_chunk_size_rule():
@@ -339,15 +515,14 @@ def test_input_validation_names_the_argument():
 
 @pytest.mark.triton
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_triton_backend_on_cpu_interpreter_matches_torch():
-    hidden, weight, bias, targets = _problem((2, 12), 16, 257, seed=12)
-    old, adv = torch.full((2, 12), -5.5), torch.randn(2)
-    results = {}
-    for backend in ("torch", "triton"):
-        leaves = _leaves(hidden, weight, bias)
-        out = fk.linear_policy_loss(*leaves[:2], targets, old, adv, bias=leaves[2], chunk_size=16, backend=backend,
-                                    entropy_coef=0.01)
-        out.loss.backward()
-        results[backend] = [out.loss, out.logprobs, out.entropy] + [leaf.grad for leaf in leaves]
-    for expected, actual in zip(results["torch"], results["triton"]):
-        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+def test_triton_backend_on_cpu_interpreter_matches_reference():
+    # Small shapes: on CPU the Triton kernels run under the interpreter.
+    hidden, weight, bias, targets = _problem((2, 12), 16, 257, seed=12, ignore_index=-1)
+    _check_token_logprobs(hidden, weight, bias, targets, "triton", 16, ignore_index=-1, **TRANSFORMS["all"])
+    logits = _reference_logits(hidden, weight, bias).detach()
+    logp, _ = reference.token_logprobs(logits, targets, ignore_index=-1)
+    inputs = dict(targets=targets, old_logprobs=(logp + 0.1).float(), advantages=torch.randn(2),
+                  mask=torch.rand(2, 12, generator=torch.Generator().manual_seed(12)) > 0.2,
+                  ref_logprobs=logp.float())
+    config = fk.PolicyLossConfig(kl_coef=0.1, entropy_coef=0.01)
+    _check_policy(hidden, weight, bias, inputs, config, chunk=16, backend="triton", ignore_index=-1)
