@@ -368,8 +368,8 @@ def _check_outputs(out: DPOOutput, seq, weights, chosen, rejected, ref_c, ref_r,
 def _check_fused(backend, dtype, cfg, case, temperature=1.0, inplace=False, ignore_index=-100):
     """fused_dpo_loss on ``backend`` vs the reference: rewards, loss, margins, accuracy and d/dlogits.
 
-    With ``inplace`` the logits are a non-leaf (as a model's output is) and must hold the gradient right
-    after the forward; the gradient reaching their producer must match the reference too.
+    With ``inplace`` the logits are a non-leaf (as a model's output is) whose storage must hold the
+    gradient once backward has run; the gradient reaching their producer must match the reference too.
     """
     logits, targets, mask, ref_c, ref_r = case
     seq, weights, chosen, rejected, grad, row_scale = _expected(logits, targets, mask, ref_c, ref_r, cfg,
@@ -380,10 +380,10 @@ def _check_fused(backend, dtype, cfg, case, temperature=1.0, inplace=False, igno
     out = fused_dpo_loss(x, targets.to(device), mask.to(device), ref_c.to(device), ref_r.to(device), config=cfg,
                          backend=backend, temperature=temperature, inplace_grad=inplace, ignore_index=ignore_index)
     name = f"{backend} {cfg.loss_type}"
+    out.loss.backward()
     if inplace:
         assert_close_to_reference(x.detach(), grad, dtype=dtype, kind="grad", name=f"{name} logits buffer",
                                   row_scale=row_scale)
-    out.loss.backward()
     _check_outputs(out, seq, weights, chosen, rejected, ref_c, ref_r, cfg, dtype, name)
     assert leaf.grad.dtype == dtype
     assert_close_to_reference(leaf.grad, grad, dtype=dtype, kind="grad", name=f"{name} d/dlogits",
