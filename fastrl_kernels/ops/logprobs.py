@@ -1,8 +1,8 @@
 """``token_logprobs``: per-token log-probs and exact entropy of ``softmax(z / tau)`` (the core op).
 
 Forward runs pass 1 (statistics); backward runs pass 2 with the incoming gradients of both outputs
-as the per-token coefficients. Use the fused losses when the loss is known: they run pass 2 in the
-forward and need no saved logits.
+as the per-token coefficients. Every loss on the logits path is this op plus O(N) algebra on its
+outputs (``ops/fused.py``), so a training step reads the logits twice and writes N x V once.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..backends import primitives, resolve_backend
 from ..config import check_backend, check_logits_targets, check_temperature
@@ -34,44 +35,60 @@ def flatten_rows(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Ten
     return rows, targets.reshape(-1)
 
 
-class _TokenLogprobs(torch.autograd.Function):
+class _TokenStats(torch.autograd.Function):
+    """Pass 1 in forward; pass 2 in backward, with the upstream gradients of (logp, entropy) as its
+    per-token coefficients, read from device memory (no host sync, no N x V scale afterwards).
+
+    Whatever O(N) algebra consumes logp and entropy (a loss, metrics, a second loss on the same
+    log-probs), autograd sums its gradients into those two [N] vectors before this backward runs once:
+    a training step reads the logits twice and writes N x V once. With ``inplace_grad`` the gradient
+    is written over the saved logits and autograd's version counter is bumped, so any other graph
+    that saved them (or a second backward through this one) fails loudly instead of reading it.
+    """
+
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, backend: str, params: CoreParams):
-        stats = primitives(backend).stats(logits, targets, params)
-        ctx.backend, ctx.params = backend, params
+    def forward(ctx, logits, targets, backend: str, params: CoreParams, inplace_grad: bool, with_log_sum_p2: bool):
+        stats = primitives(backend).stats(logits, targets, params, with_log_sum_p2)
+        ctx.backend, ctx.params, ctx.inplace_grad = backend, params, inplace_grad
         ctx.save_for_backward(logits, targets, stats.lse, stats.mean_x)
         ctx.set_materialize_grads(False)
-        return stats.logp, stats.entropy
+        # log sum p^2 (WPO weights) is a statistic of the policy, never differentiated.
+        log_sum_p2 = stats.log_sum_p2 if with_log_sum_p2 else stats.logp.new_zeros(0)
+        ctx.mark_non_differentiable(log_sum_p2)
+        return stats.logp, stats.entropy, log_sum_p2
 
     @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
+    @once_differentiable
+    def backward(ctx, grad_logp, grad_entropy, _grad_log_sum_p2):
         logits, targets, lse, mean_x = ctx.saved_tensors
         if grad_logp is None and grad_entropy is None:
-            return None, None, None, None
-        grad = grad_from_upstream(ctx.backend, logits, targets, lse, mean_x, grad_logp, grad_entropy, ctx.params)
-        return grad, None, None, None
+            return None, None, None, None, None, None
+        zeros = torch.zeros(lse.shape, dtype=torch.float32, device=lse.device)
+        g_lp = zeros if grad_logp is None else grad_logp.to(torch.float32)
+        g_entropy = zeros if grad_entropy is None else grad_entropy.to(torch.float32)
+        out = logits.detach() if ctx.inplace_grad else None
+        grad = primitives(ctx.backend).grad(logits, targets, CoreStats(zeros, zeros, lse, mean_x), g_lp, g_entropy,
+                                            ctx.params, out=out)
+        if ctx.inplace_grad:
+            # A kernel's write is invisible to autograd: announce it, so stale readers raise.
+            torch.autograd.graph.increment_version(logits)
+        return grad, None, None, None, None, None
 
 
-def grad_from_upstream(
-    backend: str,
-    logits: torch.Tensor,
+def token_stats(
+    rows: torch.Tensor,
     targets: torch.Tensor,
-    lse: torch.Tensor,
-    mean_x: torch.Tensor,
-    grad_logp: Optional[torch.Tensor],
-    grad_entropy: Optional[torch.Tensor],
+    backend: str,
     params: CoreParams,
-) -> torch.Tensor:
-    """Pass 2 with the upstream gradients of (logp, entropy) as coefficients (None = no gradient)."""
-    zeros = torch.zeros(lse.shape, dtype=torch.float32, device=lse.device)
-    return primitives(backend).grad(
-        logits,
-        targets,
-        CoreStats(zeros, zeros, lse, mean_x),
-        grad_logp if grad_logp is not None else zeros,
-        grad_entropy if grad_entropy is not None else zeros,
-        params,
-    )
+    *,
+    inplace_grad: bool = False,
+    with_log_sum_p2: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """``(logp, entropy, log_sum_p2)`` [N] float32 of ``rows`` [N, V] (unit stride in V) on a concrete
+    backend, differentiable in ``rows`` through logp and entropy (pass 2 runs in backward, in place
+    when ``inplace_grad``); log_sum_p2 is None unless asked for, and never differentiable."""
+    logp, entropy, log_sum_p2 = _TokenStats.apply(rows, targets, backend, params, inplace_grad, with_log_sum_p2)
+    return logp, entropy, (log_sum_p2 if with_log_sum_p2 else None)
 
 
 def token_logprobs(
@@ -118,6 +135,6 @@ def token_logprobs(
     else:
         concrete = resolve_backend(backend, logits.device)
         rows, flat_targets = flatten_rows(logits, targets)
-        logp, entropy = _TokenLogprobs.apply(rows, flat_targets, concrete, params)
+        logp, entropy, _ = token_stats(rows, flat_targets, concrete, params)
         logp, entropy = logp.view(leading), entropy.view(leading)
     return logp, (entropy if with_entropy else None)
