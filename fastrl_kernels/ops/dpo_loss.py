@@ -2,7 +2,7 @@
 
 ``fused_dpo_loss`` streams the ``[2B, T, V]`` logits through the core primitives (SPEC section 6b):
 the sequence log-probs, the pair losses and their gradient w.r.t. each token's log-prob are O(N)
-PyTorch (``fastrl_kernels.losses.dpo``), and the logits gradient is written in the forward.
+PyTorch (``fastrl_kernels.losses.dpo``); the logits gradient is one pass in backward.
 """
 
 from __future__ import annotations
@@ -154,8 +154,8 @@ def fused_dpo_loss(
             past the shorter response of the pair (LD-DPO), ``use_weighting=True`` multiplies each pair's
             loss by its WPO weights (one more O(N) output of the core pass: log sum_v p_v^2).
         backend: "auto" | "torch" | "native" | "triton" | "reference" (float64, unfused, for testing).
-        inplace_grad: write the logits gradient into ``logits`` (they are overwritten; memory saving);
-            ignored by "reference".
+        inplace_grad: backward writes the logits gradient into ``logits`` (overwritten then, with
+            autograd's version counter bumped; zero extra N x V memory); ignored by "reference".
 
     Returns:
         ``DPOOutput`` (float32), equal to ``reference.dpo`` on ``reference.dpo.sequence_logprobs`` within

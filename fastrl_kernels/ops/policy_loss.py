@@ -92,12 +92,13 @@ def policy_loss(
         is_weights: per-token importance weights (no grad) multiplying the policy term (TRL's vLLM IS
             correction, verl's rollout_is_weights).
         backend: "auto" | "torch" | "native" | "triton" | "reference".
-        inplace_grad: write dL/dlogits into ``logits`` (zero extra N x V memory); the logits are
-            destroyed, so nothing else may read them afterwards.
+        inplace_grad: backward writes dL/dlogits into ``logits`` (zero extra N x V memory); the logits
+            stay valid until then, and autograd's version counter is bumped when they are overwritten,
+            so a graph that saved them raises instead of reading the gradient.
 
     Returns:
-        ``PolicyLossOutput(loss, logprobs, entropy, metrics)``; ``loss.backward()`` gives the logits
-        gradient computed during the forward (two passes over the logits in total). Matches TRL's
+        ``PolicyLossOutput(loss, logprobs, entropy, metrics)``; ``loss.backward()`` writes the logits
+        gradient in one pass (two passes over the logits in total, forward and backward). Matches TRL's
         GRPO loss (loss_type "grpo" / "bnpo" / "dr_grpo" / "dapo" via ``loss_agg``) and verl's
         ``compute_policy_loss`` (``loss_agg_mode`` names, dual clip) on the same inputs.
     """
