@@ -176,9 +176,11 @@ def fused_dpo_loss(
     params = core_params(temperature, 1.0, None, ignore_index)
     if backend == "reference":
         return _reference_fused(logits, targets, response, ref_chosen_logps, ref_rejected_logps, cfg, params)
+    # Prompt and padding tokens become ignored rows, which the kernels skip.
+    flat_targets = torch.where(response.reshape(-1) > 0, targets.reshape(-1), ignore_index)
     loss, _, _, aux = fused_logits_loss(
         logits.reshape(rows * steps, vocab),
-        targets.reshape(rows * steps),
+        flat_targets,
         partial(fused_dpo_objective, cfg),
         (response, ref_chosen_logps, ref_rejected_logps),
         params=params,

@@ -220,6 +220,8 @@ def linear_policy_loss(
     mask_bt = float_mask.reshape(shape)
     loss_inputs = (as_bt(old_logprobs), adv, mask_bt, as_bt(ref_logprobs), as_bt(is_weights), normalizer)
     rows, flat_targets = _rows(hidden, targets)
+    # Masked tokens become ignored rows: no statistics, a zero gradient row (as the logits path).
+    flat_targets = torch.where(float_mask.reshape(-1) > 0, flat_targets, ignore_index)
     params = core_params(cfg.temperature, logit_scale, softcap, ignore_index)
     token_fn, token_inputs = None, ()
     if cfg.loss_type in SEPARABLE_POLICY_LOSS_TYPES:

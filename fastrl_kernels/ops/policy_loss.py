@@ -97,7 +97,8 @@ def policy_loss(
             so a graph that saved them raises instead of reading the gradient.
 
     Returns:
-        ``PolicyLossOutput(loss, logprobs, entropy, metrics)``; ``loss.backward()`` writes the logits
+        ``PolicyLossOutput(loss, logprobs, entropy, metrics)``; logprobs and entropy are 0 at masked
+        tokens (they are never read). ``loss.backward()`` writes the logits
         gradient in one pass (two passes over the logits in total, forward and backward). Matches TRL's
         GRPO loss (loss_type "grpo" / "bnpo" / "dr_grpo" / "dapo" via ``loss_agg``) and verl's
         ``compute_policy_loss`` (``loss_agg_mode`` names, dual clip) on the same inputs.
@@ -122,6 +123,9 @@ def policy_loss(
     shape = _batch_shape(leading)
     params = core_params(cfg.temperature, logit_scale, softcap, ignore_index)
     rows, flat_targets = flatten_rows(logits, targets)
+    # Masked tokens become ignored rows: the kernels then skip them (a zero gradient row written
+    # without reading, and no read in pass 1 where the backend supports it).
+    flat_targets = torch.where(float_mask.reshape(-1) > 0, flat_targets, ignore_index)
     adv = advantages.float()
     adv = adv.reshape(shape[0], 1) if adv.dim() == 1 and len(leading) == 2 else adv.reshape(shape)
 

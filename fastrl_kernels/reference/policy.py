@@ -237,7 +237,8 @@ def policy_loss(
     logits ``[B, T, V]`` or ``[N, V]``, targets int64 of the leading shape. logp and entropy are
     ``token_logprobs(logits, targets, temperature=config.temperature, logit_scale=..., softcap=...)``
     (``logit_scale`` / ``softcap`` as in ``transformed_logits``); tokens whose target is
-    ``ignore_index`` count as masked. The rest is ``policy_loss_from_logprobs`` (same arguments).
+    ``ignore_index`` count as masked; logp and entropy are 0 at masked tokens. The rest is
+    ``policy_loss_from_logprobs`` (same arguments).
     """
     cfg = resolve_config(PolicyLossConfig, config, config_overrides)
     logp, entropy = token_logprobs(
@@ -249,6 +250,8 @@ def policy_loss(
         ignore_index=ignore_index,
     )
     m = _float_mask(mask, logp) * (targets != ignore_index).to(torch.float64)
+    # Masked tokens carry no log-prob or entropy (the fused ops never read their logits).
+    logp, entropy = logp * (m > 0), entropy * (m > 0)
     loss, metrics = policy_loss_from_logprobs(
         logp,
         entropy,
