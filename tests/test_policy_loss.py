@@ -27,6 +27,7 @@ from fastrl_kernels.testing import (
     policy_configs,
     policy_inputs,
     seeds,
+    tolerances,
 )
 from fastrl_kernels.torch_backend import rows_per_chunk
 from tests.backends_under_test import cpu_fused_backends
@@ -83,8 +84,11 @@ def _reference(inputs, config, **extra):
     scale = _term_scales(logp, entropy, inputs["old_logprobs"], inputs["advantages"], _policy_mask(inputs),
                          inputs["ref_logprobs"], config, normalizer=extra.get("normalizer"),
                          is_weights=extra.get("is_weights"))
+    loss_scale = _loss_scale(logp, entropy, inputs["old_logprobs"], inputs["advantages"], _policy_mask(inputs),
+                             inputs["ref_logprobs"], config, normalizer=extra.get("normalizer"),
+                             is_weights=extra.get("is_weights"))
     return SimpleNamespace(loss=loss.detach(), logp=logp.detach(), entropy=entropy.detach(), metrics=metrics,
-                           grad=logits.grad, scale=scale)
+                           grad=logits.grad, scale=scale, loss_scale=loss_scale)
 
 
 def _term_scales(logp, entropy, old_logprobs, advantages, mask, ref_logprobs, config, **extra):
@@ -101,6 +105,46 @@ def _term_scales(logp, entropy, old_logprobs, advantages, mask, ref_logprobs, co
                                                       config=term, **extra)
         scale = scale + coefficient_scale(loss, lp, h)
     return scale
+
+
+def _loss_scale(logp, entropy, old_logprobs, advantages, mask, ref_logprobs, config, normalizer=None,
+                is_weights=None):
+    """The loss aggregated over |terms|: sum_t w_t (|l_t| + kl_coef |kl_t|) + entropy_coef sum_t w'_t |H_t|.
+
+    A float32 loss is exact to ~1e-7 of this, not of its own value where the terms cancel (mixed-sign
+    advantages). |l_t| comes from the reference with is_weights = sign(l_t): sign(l_t) = -sign(A_t),
+    or +sign(A_t) for cispo (l = -c A logp with logp <= 0).
+    """
+    logp = logp.detach().to(torch.float64)
+    adv = advantages.to(torch.float64)
+    if adv.dim() == 1 and logp.dim() == 2:
+        adv = adv[:, None]
+    signs = (adv.sign() if config.loss_type == "cispo" else -adv.sign()).expand_as(logp)
+    weights = signs if is_weights is None else signs * is_weights.to(torch.float64).abs()
+    quiet = dataclasses.replace(config, kl_coef=0.0, entropy_coef=0.0)
+    policy, _ = reference.policy_loss_from_logprobs(logp, entropy, old_logprobs, advantages, mask,
+                                                    normalizer=normalizer, is_weights=weights, config=quiet)
+    scale = policy.abs()
+    m = mask.to(torch.float64)
+    if ref_logprobs is not None and config.kl_coef != 0.0:
+        ref = torch.where(m > 0, ref_logprobs.to(torch.float64), logp)
+        kl = reference.kl_penalty(logp, ref, config.kl_estimator, config.kl_clamp)
+        scale = scale + abs(config.kl_coef) * reference.aggregate(kl.abs(), m, config.loss_agg, normalizer).abs()
+    if config.entropy_coef != 0.0:
+        h = entropy.detach().to(torch.float64) if config.entropy_mode == "exact" else -logp
+        bonus = reference.aggregate(h.abs(), m, config.resolved_entropy_agg, normalizer)
+        scale = scale + abs(config.entropy_coef) * bonus.abs()
+    return scale
+
+
+def _assert_loss_close(actual, expected, scale, *, dtype, name):
+    """assert_close_to_reference's forward bound rtol |e| + atol with |e| raised to ``scale`` (_loss_scale)."""
+    tol = tolerances(dtype, "forward")
+    actual, expected = float(actual.detach()), float(expected.detach())
+    error = abs(actual - expected)
+    allowed = tol["rtol"] * max(abs(expected), float(scale)) + tol["atol"]
+    assert error <= allowed, (f"{name}: got {actual:.9g}, expected {expected:.9g}, |error| {error:.3g} > "
+                              f"allowed {allowed:.3g} (term scale {float(scale):.3g})")
 
 
 def _clip_frac_bounds(logp, old, advantages, mask, config):
@@ -148,7 +192,7 @@ def _compare(backend, inputs, config, expected=None, **extra):
     out, grad = _run(backend, inputs, config, **extra)
     name = f"{backend} {config.loss_type}"
     assert out.loss.dtype == torch.float32 and out.loss.dim() == 0
-    assert_close_to_reference(out.loss, expected.loss, dtype=dtype, name=f"{name} loss")
+    _assert_loss_close(out.loss, expected.loss, expected.loss_scale, dtype=dtype, name=f"{name} loss")
     assert_close_to_reference(out.logprobs, expected.logp, dtype=dtype, name=f"{name} logprobs")
     assert_close_to_reference(out.entropy, expected.entropy, dtype=dtype, name=f"{name} entropy")
     assert set(out.metrics) == set(expected.metrics)
@@ -302,6 +346,18 @@ def test_normalizer_and_is_weights(backend, inputs, config, normalizer):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_agg", ("token-mean", "seq-mean-token-mean"))
+@pytest.mark.parametrize("normalizer", (None, 7.0, torch.tensor(0.5)), ids=("none", "float", "tensor"))
+def test_normalizer_and_is_weights_match_reference(backend, normalizer, loss_agg):
+    inputs = _case(17)
+    weights = 2.0 * torch.rand(inputs["old_logprobs"].shape, generator=torch.Generator().manual_seed(17))
+    config = dataclasses.replace(RICH, loss_agg=loss_agg)
+    expected = _reference(inputs, config, normalizer=normalizer, is_weights=weights)
+    assert _differs(expected.loss, _reference(inputs, config, normalizer=normalizer).loss)
+    _compare(backend, inputs, config, expected, normalizer=normalizer, is_weights=weights)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("temperature", (1.0, 0.7))
 @pytest.mark.parametrize("logit_scale, softcap", [(0.5, None), (2.0, None), (1.0, 3.0), (1.7, 4.0)])
 def test_logit_scale_and_softcap_match_reference(backend, logit_scale, softcap, temperature):
@@ -351,19 +407,22 @@ def test_inplace_grad_matches_reference_and_overwrites_the_logits(backend, entro
     out = fk.policy_loss(produced, inputs["targets"], inputs["old_logprobs"], inputs["advantages"], inputs["mask"],
                          ref_logprobs=inputs["ref_logprobs"], config=config, backend=backend, inplace_grad=True)
     out.loss.backward()
-    assert_close_to_reference(out.loss, expected.loss, dtype=dtype, name="inplace loss")
+    _assert_loss_close(out.loss, expected.loss, expected.loss_scale, dtype=dtype, name="inplace loss")
     assert_close_to_reference(hidden.grad, expected.grad, dtype=dtype, kind="grad", name="inplace grad",
                               row_scale=expected.scale)
     assert torch.equal(produced.detach(), hidden.grad)  # the logits now hold the gradient
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_returned_logprobs_can_feed_another_loss(backend):
+@pytest.mark.parametrize("inplace_grad", (False, True))
+def test_returned_logprobs_can_feed_another_loss(backend, inplace_grad):
+    # their gradients join the loss's before the logits gradient is written (in place or not)
     inputs = _case(11)
     config = dataclasses.replace(RICH, entropy_coef=0.0)
     z = inputs["logits"].clone().requires_grad_(True)
-    out = fk.policy_loss(z, inputs["targets"], inputs["old_logprobs"], inputs["advantages"], inputs["mask"],
-                         ref_logprobs=inputs["ref_logprobs"], config=config, backend=backend)
+    out = fk.policy_loss(z * 1.0, inputs["targets"], inputs["old_logprobs"], inputs["advantages"], inputs["mask"],
+                         ref_logprobs=inputs["ref_logprobs"], config=config, backend=backend,
+                         inplace_grad=inplace_grad)
     (out.loss + 0.3 * out.logprobs.sum() + 0.2 * out.entropy.sum()).backward()
     z64 = inputs["logits"].double().requires_grad_(True)
     loss, logp, entropy, _ = reference.policy_loss(z64, inputs["targets"], inputs["old_logprobs"],
@@ -373,11 +432,26 @@ def test_returned_logprobs_can_feed_another_loss(backend):
     assert_close_to_reference(z.grad, z64.grad, dtype=torch.float32, kind="grad")
 
 
-def test_second_backward_is_refused():
-    z = torch.randn(4, 9, requires_grad=True)
-    out = fk.policy_loss(z, torch.randint(0, 9, (4,)), torch.randn(4), torch.randn(4), backend="torch")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_backward_adds_the_reference_gradient_again(backend):
+    inputs = _case(18)
+    expected = _reference(inputs, RICH)
+    z = inputs["logits"].clone().requires_grad_(True)
+    out = fk.policy_loss(z, inputs["targets"], inputs["old_logprobs"], inputs["advantages"], inputs["mask"],
+                         ref_logprobs=inputs["ref_logprobs"], config=RICH, backend=backend)
     out.loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="backward was already run"):
+    out.loss.backward()
+    assert_close_to_reference(z.grad, 2.0 * expected.grad, dtype=torch.float32, kind="grad",
+                              row_scale=2.0 * expected.scale)
+
+
+def test_second_backward_after_inplace_grad_is_refused():
+    # the first backward overwrote the logits the second one would read
+    produced = torch.randn(4, 9, requires_grad=True) * 1.0
+    out = fk.policy_loss(produced, torch.randint(0, 9, (4,)), torch.randn(4), torch.randn(4), backend="torch",
+                         inplace_grad=True)
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.loss.backward()
 
 
@@ -485,7 +559,9 @@ def _compare_from_logprobs(case, config, **extra):
     )
     want.backward()
     name = f"policy_loss_from_logprobs {config.loss_type}"
-    assert_close_to_reference(loss, want, dtype=torch.float32, name=f"{name} loss")
+    loss_scale = _loss_scale(logp64, entropy64, case["old_logprobs"], advantages, case["mask"], case["ref_logprobs"],
+                             config, **extra)
+    _assert_loss_close(loss, want, loss_scale, dtype=torch.float32, name=f"{name} loss")
     assert set(metrics) == set(want_metrics)
     bounds = _clip_frac_bounds(logp64, case["old_logprobs"], advantages, case["mask"], config)
     _assert_clip_fracs(metrics, bounds, name)
@@ -602,7 +678,7 @@ def test_trl_aggregation_names_give_the_reference_loss_of_their_verl_mode(backen
     inputs = _case(30)
     out, grad = _run(backend, inputs, dataclasses.replace(RICH, loss_agg=alias, entropy_agg=alias))
     expected = _reference(inputs, dataclasses.replace(RICH, loss_agg=canonical, entropy_agg=canonical))
-    assert_close_to_reference(out.loss, expected.loss, dtype=torch.float32, name=f"{alias} loss")
+    _assert_loss_close(out.loss, expected.loss, expected.loss_scale, dtype=torch.float32, name=f"{alias} loss")
     assert_close_to_reference(grad, expected.grad, dtype=torch.float32, kind="grad", name=f"{alias} grad",
                               row_scale=expected.scale)
 
