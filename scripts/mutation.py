@@ -1,11 +1,12 @@
 """Mutation testing of the loss, op and reference modules with mutmut (run it through scripts/mutation.sh).
 
-1. The fast tests configured in ``[tool.mutmut]`` run once on the unmodified code; tests that fail there
-   are deselected for the run (a mutant can only be judged by tests that pass without it) and listed.
-2. ``mutmut run`` with one worker over the mutants of the named modules (default: all configured ones),
-   starting from an empty ``mutants/`` so every verdict comes from the tests as they are now.
-3. The score per module and every surviving mutant (file:line and diff) are printed and written to
-   ``mutants/mutation-report.md``.
+1. A snapshot of the package, its tests and csrc/ (the working tree, or the commit given with --rev) is
+   taken into ``mutants/snapshot/``; everything below runs there, so edits made meanwhile do not mix in.
+2. The fast tests configured in ``[tool.mutmut]`` run once on the unmodified snapshot; tests failing
+   there are deselected for the run (a mutant is only judged by tests that pass without it) and listed.
+3. ``mutmut run`` with one worker over the mutants of the named modules (default: all configured ones).
+4. The score per module and every surviving mutant (file:line in the snapshot, and its diff) are
+   printed and written to ``mutants/mutation-report.md``.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import argparse
 import ast
 import difflib
 import fnmatch
+import io
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -30,22 +33,49 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
-REPORT = ROOT / "mutants" / "mutation-report.md"
-STATUSES = ("killed", "survived", "timeout", "no tests", "suspicious", "segfault", "not checked")
+OUT = ROOT / "mutants"
+SNAPSHOT = OUT / "snapshot"
+REPORT = OUT / "mutation-report.md"
+SNAPSHOT_PATHS = ("fastrl_kernels", "tests", "csrc", "pyproject.toml")
+
+
+def git(*args: str, text: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=text)
+
+
+def take_snapshot(rev: str | None) -> str:
+    """Copies the measured tree into SNAPSHOT; returns its description (commit, and whether edited)."""
+    shutil.rmtree(OUT, ignore_errors=True)
+    SNAPSHOT.mkdir(parents=True)
+    if rev is not None:
+        archive = git("archive", "--format=tar", rev, *SNAPSHOT_PATHS, text=False)
+        if archive.returncode:
+            sys.exit(f"mutation: git archive {rev} failed: {archive.stderr.decode()}")
+        with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+            # The "tar" filter (Python >= 3.10.12) keeps links inside the destination.
+            tar.extractall(SNAPSHOT, **({"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}))
+        return git("rev-parse", "--short", rev).stdout.strip()
+    described = git("rev-parse", "--short", "HEAD").stdout.strip()
+    if git("diff", "--quiet", "HEAD", "--", *SNAPSHOT_PATHS).returncode:
+        described += " + uncommitted edits"
+    ignore = shutil.ignore_patterns("__pycache__", ".hypothesis", ".pytest_cache")
+    for name in SNAPSHOT_PATHS:
+        if (ROOT / name).is_dir():
+            # symlinks=True keeps fastrl_kernels/csrc a link to ../csrc, as in the repository.
+            shutil.copytree(ROOT / name, SNAPSHOT / name, symlinks=True, ignore=ignore)
+        else:
+            shutil.copy2(ROOT / name, SNAPSHOT / name)
+    return described
 
 
 def mutmut_config() -> dict:
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]
-
-
-def mutatable_files(config: dict) -> list[Path]:
-    files = sorted(p.relative_to(ROOT) for p in (ROOT / "fastrl_kernels").rglob("*.py"))
-    return [p for p in files if any(fnmatch.fnmatch(str(p), pattern) for pattern in config["only_mutate"])]
+    return tomllib.loads((SNAPSHOT / "pyproject.toml").read_text())["tool"]["mutmut"]
 
 
 def select_files(args: list[str], config: dict) -> list[Path]:
     """The configured files under the paths named on the command line (all of them when none is)."""
-    files = mutatable_files(config)
+    files = sorted(p.relative_to(SNAPSHOT) for p in (SNAPSHOT / "fastrl_kernels").rglob("*.py"))
+    files = [p for p in files if any(fnmatch.fnmatch(str(p), pattern) for pattern in config["only_mutate"])]
     if not args:
         return files
     chosen = []
@@ -60,7 +90,7 @@ def select_files(args: list[str], config: dict) -> list[Path]:
 
 def has_functions(path: Path) -> bool:
     # mutmut mutates function and method bodies only; module-level code is left alone.
-    tree = ast.parse((ROOT / path).read_text())
+    tree = ast.parse((SNAPSHOT / path).read_text())
     return any(isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) for node in ast.walk(tree))
 
 
@@ -69,11 +99,11 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def failing_tests(config: dict) -> list[str]:
-    """pytest options deselecting the selected tests that fail on the unmodified code."""
+def failing_tests(config: dict, env: dict) -> list[str]:
+    """pytest options deselecting the selected tests that fail on the unmodified snapshot."""
     command = [sys.executable, "-m", "pytest", "-q", "-rfE", "--continue-on-collection-errors"]
     command += config["pytest_add_cli_args"] + config["pytest_add_cli_args_test_selection"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=SNAPSHOT, env=env, capture_output=True, text=True)
     options = []
     for match in re.finditer(r"^(FAILED|ERROR) (.+?)(?: - .*)?$", result.stdout, re.MULTILINE):
         node = match.group(2).strip()
@@ -96,25 +126,27 @@ def first_changed_line(path: Path, mutant: str) -> tuple[int, list[str]]:
     changes = [op for op in difflib.SequenceMatcher(a=orig_lines, b=mutated_lines).get_opcodes() if op[0] != "equal"]
     diff = [f"- {line.strip()}" for op in changes for line in orig_lines[op[1] : op[2]]]
     diff += [f"+ {line.strip()}" for op in changes for line in mutated_lines[op[3] : op[4]]]
-    # Line numbers inside the function text, anchored on its `def` line in the original file.
+    # Line numbers inside the function text, anchored on its `def` line in the snapshot's file.
     function, class_name = orig_function_and_class_names_from_key(mutant)
     def_index = next(i for i, line in enumerate(orig_lines) if re.match(rf"\s*(async\s+)?def {function}\b", line))
-    scope = ast.parse((ROOT / path).read_text()).body
+    scope = ast.parse((SNAPSHOT / path).read_text()).body
     if class_name:
         scope = next(n.body for n in scope if isinstance(n, ast.ClassDef) and n.name == class_name)
     node = next(n for n in scope if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == function)
     return node.lineno + changes[0][1] - def_index, diff
 
 
-def report(files: list[Path], deselected: list[str], seconds: dict, commit: str) -> int:
+def report(files: list[Path], deselected: list[str], seconds: dict, measured: str) -> int:
+    from importlib.metadata import version
+
     from mutmut.mutation.data import SourceFileMutationData
     from mutmut.stats import status_by_exit_code
 
-    os.chdir(ROOT)  # mutmut's readers take paths relative to the project root
+    os.chdir(SNAPSHOT)  # mutmut's readers take paths relative to the project it ran in
     lines = [
         "# Mutation testing report",
         "",
-        f"mutmut {version('mutmut')}, commit {commit}, {time.strftime('%Y-%m-%d %H:%M')}; "
+        f"mutmut {version('mutmut')} on {measured}, {time.strftime('%Y-%m-%d %H:%M')}; "
         f"baseline tests {seconds['baseline']:.0f} s, mutmut {seconds['mutmut']:.0f} s in all.",
         "",
     ]
@@ -158,20 +190,12 @@ def report(files: list[Path], deselected: list[str], seconds: dict, commit: str)
     return 0
 
 
-def git(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
-
-
-def version(package: str) -> str:
-    from importlib.metadata import version as package_version
-
-    return package_version(package)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("modules", nargs="*", help="files or folders among the mutated ones (default: all)")
+    parser.add_argument("--rev", help="measure this commit instead of the working tree")
     args = parser.parse_args()
+    measured = take_snapshot(args.rev)
     config = mutmut_config()
     files = select_files(args.modules, config)
     skipped = [f for f in files if not has_functions(f)]
@@ -180,31 +204,32 @@ def main() -> int:
         print(f"No functions, nothing to mutate: {' '.join(map(str, skipped))}")
     if not files:
         return 0
-    commit = git("rev-parse", "--short", "HEAD").stdout.strip()
-    if git("diff", "--quiet", "HEAD", "--", "fastrl_kernels", "tests", "csrc").returncode:
-        commit += " + uncommitted edits"
 
+    # The C++ backend compiles from the snapshot's csrc/ (and mutmut's copy of it); a build directory
+    # of their own keeps those from rebuilding over (and being rebuilt by) the checkout's build.
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastrl_kernels" / "mutation"
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(cache / "snapshot"))
     seconds = {}
     start = time.monotonic()
-    print("Running the selected tests on the unmodified code...", flush=True)
-    deselected = failing_tests(config)
+    print(f"Running the selected tests on the unmodified code ({measured})...", flush=True)
+    deselected = failing_tests(config, env)
     seconds["baseline"] = time.monotonic() - start
     if deselected:
         print("Deselected, as they fail on the unmodified code:", " ".join(deselected[1::2]))
 
-    shutil.rmtree(ROOT / "mutants", ignore_errors=True)
     # mutmut runs pytest in-process, which reads PYTEST_ADDOPTS: the deselection reaches every run.
-    env = dict(os.environ, PYTEST_ADDOPTS=f"{shlex.join(deselected)} {os.environ.get('PYTEST_ADDOPTS', '')}".strip())
+    addopts = f"{shlex.join(deselected)} {os.environ.get('PYTEST_ADDOPTS', '')}".strip()
+    env.update(PYTEST_ADDOPTS=addopts, TORCH_EXTENSIONS_DIR=str(cache / "mutants"))
     # Mutant names are <module>.x_<function>__mutmut_<n> or <module>.xǁ<Class>ǁ<method>__mutmut_<n>.
     patterns = [f"{module_name(f)}.x*" for f in files]
     mutmut = Path(sys.executable).with_name("mutmut")
     start = time.monotonic()
-    run = subprocess.run([str(mutmut), "run", "--max-children", "1", *patterns], cwd=ROOT, env=env)
+    run = subprocess.run([str(mutmut), "run", "--max-children", "1", *patterns], cwd=SNAPSHOT, env=env)
     seconds["mutmut"] = time.monotonic() - start
     if run.returncode != 0:
         print(f"mutation: mutmut exited with {run.returncode}", file=sys.stderr)
         return run.returncode
-    return report(files, deselected, seconds, commit)
+    return report(files, deselected, seconds, measured)
 
 
 if __name__ == "__main__":

@@ -7,13 +7,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/mutmut ]; then
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test,mutation]"
+    bash scripts/setup-venv.sh test,mutation
 fi
 # Few Hypothesis examples, the same ones every run (tests/conftest.py).
 export HYPOTHESIS_PROFILE=mutation
 # One core: the tests are small, and torch's OpenMP pool then never has to survive mutmut's fork.
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-# The C++ backend compiles from mutants/csrc there; a build directory of its own keeps it from
-# rebuilding over (and being rebuilt by) the checkout's build in torch's default one.
-export TORCH_EXTENSIONS_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/fastrl_kernels/mutation_torch_extensions"
 exec .venv/bin/python scripts/mutation.py "$@"
