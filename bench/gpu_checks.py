@@ -77,8 +77,12 @@ def rows_past_2_31(rec: Recorder, device: str, dry: bool) -> None:
     ref = token_stats(zr, y[rows].cpu(), temperature=params.temperature)
     (ref.logp * g_lp[rows].cpu().double() + ref.entropy * g_h[rows].cpu().double()).sum().backward()
     st = ft.stats(z, y, params)
+    valid = (y[rows] != -100).cpu()
     for name in ("logp", "entropy", "lse", "mean_x"):
-        rec.compare(f"stats.{name} rows past 2^31", getattr(st, name)[rows], getattr(ref, name), dtype=torch.bfloat16)
+        # Ignored rows are not read: their lse and mean_x are 0, not the row's.
+        keep = valid if name in ("lse", "mean_x") else torch.ones_like(valid)
+        rec.compare(f"stats.{name} rows past 2^31", getattr(st, name)[rows].cpu()[keep], getattr(ref, name)[keep],
+                    dtype=torch.bfloat16)
     scale = (g_lp[rows].abs() + g_h[rows].abs()).cpu().double()
     out = ft.grad(z, y, st, g_lp, g_h, params)
     rec.compare("grad rows past 2^31", out[rows], zr.grad, dtype=torch.bfloat16, kind="grad", row_scale=scale)

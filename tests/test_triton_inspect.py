@@ -41,7 +41,7 @@ def test_every_variant_compiles_for_both_architectures_without_spills(reports):
     assert {r["arch"] for r in reports} == {"sm_90a", "sm_80"}
     for r in reports:
         name = f"{r['variant']['kernel']} {r['variant']['dtype']} V={r['variant']['vocab']} {r['arch']}"
-        assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, name
+        assert r["spill_bytes"] == 0, name
         assert r["loop_instructions"] > 0, f"{name}: no vocabulary loop found in the SASS"
         assert r["registers"] <= 255, name
 

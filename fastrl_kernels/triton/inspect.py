@@ -67,10 +67,8 @@ class Report:
     variant: dict
     arch: str
     registers: int
-    spill_store_bytes: int
-    spill_load_bytes: int
+    spill_bytes: int  # stack frame + local memory of the cubin Triton built: registers spilled
     shared_bytes: int
-    local_bytes: int
     loop_instructions: int
     elements_per_thread: float
     instructions_per_element: float
@@ -146,15 +144,7 @@ def _bin(tool: str) -> str:
     return str(path)
 
 
-def _ptxas(capability: int) -> str:
-    """The ptxas Triton itself assembles with for this architecture (its PTX version matches)."""
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    return get_ptxas(capability).path
-
-
 _RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
-_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _SASS_LINE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]+)?\s*(.*?);")
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 _BRANCH_TARGET = re.compile(r"`\((\.L_x_\d+)\)")
@@ -194,18 +184,13 @@ def inspect_variant(variant: Variant, arch: str, workdir: Path) -> Report:
     compiled = triton.compile(_source(variant), target=target, options={"num_warps": variant.launch.num_warps})
     stem = workdir / f"{variant.kernel}-{variant.dtype}-{variant.vocab}-{int(variant.has_softcap)}" \
         f"{int(variant.with_log_sum_p2)}-{arch}"
-    cubin, ptx = stem.with_suffix(".cubin"), stem.with_suffix(".ptx")
+    cubin = stem.with_suffix(".cubin")
     cubin.write_bytes(compiled.asm["cubin"])
-    ptx.write_text(compiled.asm["ptx"])
     usage = subprocess.run([_bin("cuobjdump"), "--dump-resource-usage", str(cubin)], capture_output=True,
                            text=True, check=True).stdout
-    reg, _stack, shared, local = (int(v) for v in _RESOURCES.search(usage).groups())
+    reg, stack, shared, local = (int(v) for v in _RESOURCES.search(usage).groups())
     # The dynamic shared memory Triton asks for at launch is in the metadata, not the cubin.
     shared = max(shared, int(getattr(compiled.metadata, "shared", 0)))
-    verbose = subprocess.run([_ptxas(ARCHS[arch]), "-v", f"--gpu-name={arch}", str(ptx), "-o", os.devnull],
-                             capture_output=True, text=True, check=True).stderr
-    spills = _SPILLS.search(verbose)
-    spill_store, spill_load = (int(v) for v in spills.groups()) if spills else (0, 0)
     sass = subprocess.run([_bin("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
     loop = hot_loop(sass)
     per_thread = variant.launch.rows * variant.launch.block_v / (32 * variant.launch.num_warps)
@@ -217,10 +202,8 @@ def inspect_variant(variant: Variant, arch: str, workdir: Path) -> Report:
         variant={**asdict(variant), "launch": asdict(variant.launch)},
         arch=arch,
         registers=reg,
-        spill_store_bytes=spill_store,
-        spill_load_bytes=spill_load,
+        spill_bytes=stack + local,
         shared_bytes=shared,
-        local_bytes=local,
         loop_instructions=len(loop),
         elements_per_thread=per_thread,
         instructions_per_element=round(len(loop) / per_thread, 2) if loop else 0.0,
@@ -241,7 +224,7 @@ def format_table(reports: list[Report]) -> str:
             f"| {v['kernel']} | {v['dtype']} | {v['vocab']} | {launch['rows']} x {launch['block_v']}, "
             f"{launch['num_warps']} | {'y' if v['has_softcap'] else '-'} | "
             f"{'y' if v['with_log_sum_p2'] else '-'} | {r.arch} | {r.registers} | "
-            f"{r.spill_store_bytes + r.spill_load_bytes} | {r.shared_bytes} | {r.loop_instructions} | "
+            f"{r.spill_bytes} | {r.shared_bytes} | {r.loop_instructions} | "
             f"{r.elements_per_thread:g} | {r.instructions_per_element:g} |"
         )
     return "\n".join(lines)

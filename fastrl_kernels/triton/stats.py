@@ -46,8 +46,10 @@ def _stats_kernel(
     With x = w k (see online_softmax), m = max_j w_j and, accumulated online over vocab blocks in
     base-2 units, s = sum_j 2^{d_j}, t = sum_j 2^{d_j} d_j, q = sum_j 2^{2 d_j}, d_j = (w_j - m) k2:
 
-        out[0] logp       = ln2 ((w_y - m) k2 - log2 s)        (0 where y == ignore_index)
-        out[1] entropy    = ln2 (log2 s - t / s)                (0 where y == ignore_index)
+        out[0] logp       = ln2 ((w_y - m) k2 - log2 s)
+        out[1] entropy    = ln2 (log2 s - t / s)
+
+    Rows whose target is ignore_index are not read: every field is 0 there.
         out[2] m          (the launcher forms lse = m k + log s in float64)
         out[3] log s      = ln2 log2 s
         out[4] ln2 t / s  (the launcher forms mean_x = E_p[x] = m k + ln2 t / s in float64)
@@ -62,47 +64,52 @@ def _stats_kernel(
     row_offset = rows.to(tl.int64) * stride_row
     lanes = tl.arange(0, BLOCK_V)
 
+    y = tl.load(targets_ptr + rows, mask=row_ok, other=0)
+    valid = row_ok & (y != ignore_index)
     m = tl.full([ROWS], float("-inf"), tl.float32)
     s = tl.zeros([ROWS], tl.float32)
     t = tl.zeros([ROWS], tl.float32)
     q = tl.zeros([ROWS], tl.float32)
     if ROWS == 1:
-        # One row: an aligned head (masked), full blocks with plain vector loads, a masked tail.
-        head = aligned_head(row_offset, vocab, 16)
-        if tl.max(head, axis=0) > 0:
-            cols = tl.arange(0, 16)
-            w = load_w(logits_ptr + row_offset[:, None] + cols[None, :], (cols < head[:, None]), cap_in, cap_out,
-                       NEGATE, HAS_SOFTCAP, True)
-            m, s, t, q = online_softmax_update(m, s, t, q, w, k2, WITH_LOG_SUM_P2)
-        first = tl.max(head, axis=0)
-        n_full = (vocab - first) // BLOCK_V
-        aligned = logits_ptr + tl.multiple_of(row_offset + first, 16)
-        for block in tl.range(0, n_full):
-            ptrs = aligned + block * BLOCK_V + lanes
-            w = load_w(ptrs[None, :], None, cap_in, cap_out, NEGATE, HAS_SOFTCAP, False)
-            m, s, t, q = online_softmax_update(m, s, t, q, w, k2, WITH_LOG_SUM_P2)
-        tail = first + n_full * BLOCK_V
-        if tail < vocab:
-            cols = tail + lanes
-            w = load_w(logits_ptr + row_offset[:, None] + cols[None, :], (cols < vocab)[None, :], cap_in, cap_out,
-                       NEGATE, HAS_SOFTCAP, True)
-            m, s, t, q = online_softmax_update(m, s, t, q, w, k2, WITH_LOG_SUM_P2)
+        # Ignored rows (masked tokens) are not read at all.
+        if tl.max(valid.to(tl.int32), axis=0) > 0:
+            # One row: an aligned head (masked), full blocks with plain vector loads, a masked tail.
+            head = aligned_head(row_offset, vocab, 16)
+            if tl.max(head, axis=0) > 0:
+                cols = tl.arange(0, 16)
+                w = load_w(logits_ptr + row_offset[:, None] + cols[None, :], (cols < head[:, None]), cap_in,
+                           cap_out, NEGATE, HAS_SOFTCAP, True)
+                m, s, t, q = online_softmax_update(m, s, t, q, w, k2, WITH_LOG_SUM_P2)
+            first = tl.max(head, axis=0)
+            n_full = (vocab - first) // BLOCK_V
+            aligned = logits_ptr + tl.multiple_of(row_offset + first, 16)
+            for block in tl.range(0, n_full):
+                ptrs = aligned + block * BLOCK_V + lanes
+                w = load_w(ptrs[None, :], None, cap_in, cap_out, NEGATE, HAS_SOFTCAP, False)
+                m, s, t, q = online_softmax_update(m, s, t, q, w, k2, WITH_LOG_SUM_P2)
+            tail = first + n_full * BLOCK_V
+            if tail < vocab:
+                cols = tail + lanes
+                w = load_w(logits_ptr + row_offset[:, None] + cols[None, :], (cols < vocab)[None, :], cap_in,
+                           cap_out, NEGATE, HAS_SOFTCAP, True)
+                m, s, t, q = online_softmax_update(m, s, t, q, w, k2, WITH_LOG_SUM_P2)
     else:
         for start in range(0, vocab, BLOCK_V):
             cols = start + lanes
-            mask = row_ok[:, None] & (cols < vocab)[None, :]
+            # Ignored rows' lanes are all dead: no load is issued for them.
+            mask = valid[:, None] & (cols < vocab)[None, :]
             w = load_w(logits_ptr + row_offset[:, None] + cols[None, :], mask, cap_in, cap_out, NEGATE, HAS_SOFTCAP,
                        True)
             m, s, t, q = online_softmax_update(m, s, t, q, w, k2, WITH_LOG_SUM_P2)
 
-    y = tl.load(targets_ptr + rows, mask=row_ok, other=0)
-    valid = row_ok & (y != ignore_index)
     z_y = tl.load(logits_ptr + row_offset + tl.where(valid, y, 0), mask=valid, other=0.0).to(tl.float32)
     w_y = softmax_input(z_y, cap_in, cap_out, NEGATE, HAS_SOFTCAP)
 
-    # Rows past n_rows (the last program's padding) saw no live lane: s = q = 0 there.
-    s = tl.where(row_ok, s, 1.0)
-    q = tl.where(row_ok, q, 1.0)
+    # Ignored rows and the last program's padding rows saw no live lane: every field is 0 there.
+    m = tl.where(valid, m, 0.0)
+    s = tl.where(valid, s, 1.0)
+    q = tl.where(valid, q, 1.0)
+    t = tl.where(valid, t, 0.0)
     log2_s = tl.log2(s)
     mean_shift = t / s
     logp = tl.where(valid, ((w_y - m) * k2 - log2_s) * LN2, 0.0)
@@ -147,8 +154,7 @@ def stats(
     logp = log softmax(x)[y], entropy of
     softmax(x), lse = logsumexp(x), mean_x = E_p[x], and log_sum_p2 = log sum_j p_j^2 when
     ``with_log_sum_p2``; x = transform(z) as in ``CoreParams``. Rows whose target is
-    ``ignore_index`` get logp = entropy = 0; their lse, mean_x, log_sum_p2 are still the row's
-    (as ``fastrl_kernels.reference.token_stats``). ``launch`` overrides the table of
+    ``ignore_index`` are not read: every statistic is 0 there (as the native backend). ``launch`` overrides the table of
     ``online_softmax.launch_config``. No host synchronisation.
     """
     check_logits(logits, targets)
