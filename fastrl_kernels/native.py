@@ -97,7 +97,13 @@ def _build(verbose: bool = False) -> ModuleType:
         cflags += ["-mavx2", "-mfma", "-mf16c"]
     directory = build_directory()
     directory.mkdir(parents=True, exist_ok=True)
-    return load_extension(
+    stamp = directory / "fastrl_sources.sha256"
+    fresh = not stamp.exists() or stamp.read_text().strip() != digest
+    if fresh:
+        # A first build takes ~25 s on two cores: say so, rather than stall a training step in silence.
+        print(f"fastrl_kernels.native: compiling the C++ backend for {target_isa} into {directory} "
+              "(first use after an install or an update; later runs load it)", file=sys.stderr, flush=True)
+    module = load_extension(
         name=f"fastrl_native_{target_isa}",
         sources=[str(src / name) for name in _SOURCES],
         extra_include_paths=[str(src)],
@@ -106,6 +112,9 @@ def _build(verbose: bool = False) -> ModuleType:
         build_directory=str(directory),
         verbose=verbose,
     )
+    if fresh:
+        stamp.write_text(digest)
+    return module
 
 
 def load(verbose: bool = False) -> ModuleType:

@@ -349,3 +349,22 @@ def test_large_fresh_gradient_buffer_on_huge_pages_matches_torch_backend():
     assert got.numel() * got.element_size() >= 64 << 20
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     assert isinstance(native.load().advise_huge_pages(got), bool)
+
+
+def test_first_build_says_so_on_stderr_and_later_loads_do_not(monkeypatch, tmp_path, capsys):
+    import torch.utils.cpp_extension
+
+    from fastrl_kernels import native
+
+    built = []
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda **kwargs: built.append(kwargs) or "module")
+    monkeypatch.setattr(native, "build_directory", lambda: tmp_path / "build")
+    assert native._build() == "module"
+    first = capsys.readouterr().err
+    assert "compiling the C++ backend" in first and str(tmp_path / "build") in first
+    assert native._build() == "module"
+    assert capsys.readouterr().err == ""
+    assert len(built) == 2  # torch's own up-to-date check still runs every time
+    (tmp_path / "build" / "fastrl_sources.sha256").write_text("an older source tree")
+    native._build()
+    assert "compiling the C++ backend" in capsys.readouterr().err
