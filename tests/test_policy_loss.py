@@ -46,9 +46,9 @@ RATIO_MARGIN = 1e-4
 
 
 def _case(seed, batch=3, length=8, vocab=37, *, old_noise=0.5, per_sequence=False, dtype=torch.float32,
-          std=2.0, temperature=1.0, logit_scale=1.0, softcap=None):
-    """Deterministic ``policy_loss`` inputs: N(0, std^2) logits, one ignored target, one right-padded
-    sequence and a few masked tokens; old / ref = logp + N(0, old_noise^2) / N(0, 0.3^2)."""
+          std=2.0, temperature=1.0, logit_scale=1.0, softcap=None, padded=True):
+    """Deterministic ``policy_loss`` inputs: N(0, std^2) logits, one ignored target, a few masked tokens
+    and (``padded``) a right-padded last sequence; old / ref = logp + N(0, old_noise^2) / N(0, 0.3^2)."""
     g = torch.Generator().manual_seed(seed)
     logits = (std * torch.randn(batch, length, vocab, generator=g)).to(dtype)
     targets = torch.randint(0, vocab, (batch, length), generator=g)
@@ -59,7 +59,8 @@ def _case(seed, batch=3, length=8, vocab=37, *, old_noise=0.5, per_sequence=Fals
     ref = (logp + 0.3 * torch.randn(batch, length, generator=g, dtype=torch.float64)).float()
     advantages = torch.randn((batch,) if per_sequence else (batch, length), generator=g)
     mask = torch.rand(batch, length, generator=g) < 0.85
-    mask[-1, length // 2:] = False
+    if padded:
+        mask[-1, length // 2:] = False
     return dict(logits=logits, targets=targets, old_logprobs=old, advantages=advantages, mask=mask,
                 ref_logprobs=ref)
 
@@ -376,7 +377,7 @@ CHUNKED_CASES = [
     pytest.param((2, 65, 4099), dict(), id="clip-3chunks"),
     pytest.param((2, 65, 4099), dict(loss_type="gspo", temperature=0.7), id="gspo-3chunks"),
     pytest.param((2, 65, 4099), dict(loss_type="sapo", softcap=6.0, logit_scale=1.3), id="sapo-softcap-3chunks"),
-    pytest.param((1, 3, 2**18 + 3), dict(loss_type="cispo"), id="cispo-row-per-chunk"),
+    pytest.param((2, 2, 2**18 + 3), dict(loss_type="cispo"), id="cispo-row-per-chunk"),
 ]
 
 
@@ -387,7 +388,10 @@ def test_several_chunks_match_reference(backend, shape, options):
     assert rows_per_chunk(batch * length, vocab) < batch * length
     transform = {k: options.pop(k) for k in ("softcap", "logit_scale") if k in options}
     config = dataclasses.replace(RICH, **options)
-    inputs = _case(9, batch, length, vocab, temperature=config.temperature, **transform)
+    # no padding: every chunk, the last one included, holds unmasked tokens
+    inputs = _case(9, batch, length, vocab, temperature=config.temperature, padded=False, **transform)
+    rows = rows_per_chunk(batch * length, vocab)
+    assert bool(_policy_mask(inputs).reshape(-1)[(batch * length - 1) // rows * rows:].any())
     _compare(backend, inputs, config, **transform)
 
 
