@@ -42,8 +42,16 @@ def _native_usable() -> bool:
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend name for ``backend`` on ``device``; raises when it cannot run there."""
-    global _warned_native_fallback
     check_backend(backend)
+    return _resolve(backend, device.type)
+
+
+# torch.compile evaluates this once while tracing and keeps the name as a constant: the answer depends
+# on the installation (a build, an import), never on tensor values.
+@torch.compiler.assume_constant_result
+def _resolve(backend: str, device_type: str) -> str:
+    global _warned_native_fallback
+    device = torch.device(device_type)
     if backend == "auto":
         if device.type == "cuda":
             return "triton" if _triton_usable(device) else "torch"

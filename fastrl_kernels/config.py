@@ -5,7 +5,6 @@ Every error names the argument, what was expected and what was given.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any, Optional, Union
@@ -111,9 +110,16 @@ class PolicyLossConfig:
         return replace(self, **_known_fields(type(self), overrides))
 
 
-@functools.cache
+# Field names per config class, filled once the classes exist (end of module): a plain dict lookup,
+# which torch.compile traces, where dataclasses.fields on a class is not supported.
+_FIELD_NAMES: dict = {}
+
+
 def _field_names(cls: type) -> frozenset:
-    return frozenset(f.name for f in fields(cls))
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = frozenset(f.name for f in fields(cls))
+    return names
 
 
 def _known_fields(cls: type, overrides: dict) -> dict:
@@ -281,3 +287,7 @@ class DPOConfig:
 
     def with_overrides(self, **overrides: Any) -> DPOConfig:
         return replace(self, **_known_fields(type(self), overrides))
+
+
+for _config_class in (PolicyLossConfig, DPOConfig):
+    _field_names(_config_class)

@@ -35,6 +35,94 @@ def flatten_rows(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Ten
     return rows, targets.reshape(-1)
 
 
+# The two primitives as torch.library custom ops, so torch.compile(fullgraph=True) traces every loss
+# on the logits path (the backends are opaque calls: C++, Triton, chunked torch) and autograd runs
+# pass 2 in backward. CoreParams travels as its four fields (custom ops take plain types).
+
+
+@torch.library.custom_op("fastrl_kernels::token_stats", mutates_args=())
+def _stats_op(
+    logits: torch.Tensor, targets: torch.Tensor, backend: str, temperature: float, logit_scale: float,
+    softcap: Optional[float], ignore_index: int, with_log_sum_p2: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    params = CoreParams(temperature, logit_scale, softcap, ignore_index)
+    stats = primitives(backend).stats(logits, targets, params, with_log_sum_p2)
+    log_sum_p2 = stats.log_sum_p2 if with_log_sum_p2 else stats.logp.new_zeros(0)
+    # A custom op's outputs may not alias: backends return [N] views of one buffer (an O(N) copy).
+    outputs = (stats.logp, stats.entropy, stats.lse, stats.mean_x, log_sum_p2)
+    return tuple(t.clone() if t.numel() else t for t in outputs)
+
+
+@_stats_op.register_fake
+def _(logits, targets, backend, temperature, logit_scale, softcap, ignore_index, with_log_sum_p2):
+    n = logits.shape[0]
+    f32, f64 = logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float64)
+    return f32, torch.empty_like(f32), f64, torch.empty_like(f64), logits.new_empty(n if with_log_sum_p2 else 0,
+                                                                                     dtype=torch.float32)
+
+
+def _grad_args(logits, targets, lse, mean_x, g_lp, g_entropy, backend, temperature, logit_scale, softcap,
+               ignore_index):
+    zeros = torch.zeros(lse.shape, dtype=torch.float32, device=lse.device)
+    stats = CoreStats(zeros, zeros, lse, mean_x)
+    return primitives(backend), stats, CoreParams(temperature, logit_scale, softcap, ignore_index)
+
+
+@torch.library.custom_op("fastrl_kernels::token_grad", mutates_args=())
+def _grad_op(
+    logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, mean_x: torch.Tensor, g_lp: torch.Tensor,
+    g_entropy: torch.Tensor, backend: str, temperature: float, logit_scale: float, softcap: Optional[float],
+    ignore_index: int,
+) -> torch.Tensor:
+    prims, stats, params = _grad_args(logits, targets, lse, mean_x, g_lp, g_entropy, backend, temperature,
+                                      logit_scale, softcap, ignore_index)
+    return prims.grad(logits, targets, stats, g_lp, g_entropy, params)
+
+
+@_grad_op.register_fake
+def _(logits, targets, lse, mean_x, g_lp, g_entropy, backend, temperature, logit_scale, softcap, ignore_index):
+    return torch.empty_like(logits)
+
+
+@torch.library.custom_op("fastrl_kernels::token_grad_", mutates_args=("logits",))
+def _grad_inplace_op(
+    logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, mean_x: torch.Tensor, g_lp: torch.Tensor,
+    g_entropy: torch.Tensor, backend: str, temperature: float, logit_scale: float, softcap: Optional[float],
+    ignore_index: int,
+) -> None:
+    """The gradient written over the logits (autograd's version counter is bumped by the op)."""
+    prims, stats, params = _grad_args(logits, targets, lse, mean_x, g_lp, g_entropy, backend, temperature,
+                                      logit_scale, softcap, ignore_index)
+    prims.grad(logits, targets, stats, g_lp, g_entropy, params, out=logits)
+
+
+def _stats_setup(ctx, inputs, output):
+    logits, targets, backend, temperature, logit_scale, softcap, ignore_index, _ = inputs
+    _, _, lse, mean_x, log_sum_p2 = output
+    ctx.save_for_backward(logits, targets, lse, mean_x)
+    ctx.options = (backend, temperature, logit_scale, softcap, ignore_index)
+    # lse, mean_x and log sum p^2 (WPO weights) are statistics of the policy, never differentiated.
+    ctx.mark_non_differentiable(lse, mean_x, log_sum_p2)
+    ctx.set_materialize_grads(False)
+
+
+def _stats_backward(ctx, grad_logp, grad_entropy, _lse, _mean_x, _log_sum_p2):
+    """Pass 2, once, with the upstream gradients of (logp, entropy) as the per-token coefficients."""
+    logits, targets, lse, mean_x = ctx.saved_tensors
+    nothing = (None,) * 8
+    if grad_logp is None and grad_entropy is None:
+        return nothing
+    zeros = torch.zeros(lse.shape, dtype=torch.float32, device=lse.device)
+    g_lp = zeros if grad_logp is None else grad_logp.to(torch.float32)
+    g_entropy = zeros if grad_entropy is None else grad_entropy.to(torch.float32)
+    backend, temperature, logit_scale, softcap, ignore_index, inplace_grad = ctx.options + (ctx.inplace_grad,)
+    args = (targets, lse, mean_x, g_lp, g_entropy, backend, temperature, logit_scale, softcap, ignore_index)
+    if inplace_grad:
+        _grad_inplace_op(logits, *args)
+        return (logits,) + nothing[1:]
+    return (_grad_op(logits, *args),) + nothing[1:]
+
+
 class _TokenStats(torch.autograd.Function):
     """Pass 1 in forward; pass 2 in backward, with the upstream gradients of (logp, entropy) as its
     per-token coefficients, read from device memory (no host sync, no N x V scale afterwards).
@@ -48,31 +136,18 @@ class _TokenStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, backend: str, params: CoreParams, inplace_grad: bool, with_log_sum_p2: bool):
-        stats = primitives(backend).stats(logits, targets, params, with_log_sum_p2)
-        ctx.backend, ctx.params, ctx.inplace_grad = backend, params, inplace_grad
-        ctx.save_for_backward(logits, targets, stats.lse, stats.mean_x)
-        ctx.set_materialize_grads(False)
-        # log sum p^2 (WPO weights) is a statistic of the policy, never differentiated.
-        log_sum_p2 = stats.log_sum_p2 if with_log_sum_p2 else stats.logp.new_zeros(0)
-        ctx.mark_non_differentiable(log_sum_p2)
-        return stats.logp, stats.entropy, log_sum_p2
+        outputs = _stats_op(logits, targets, backend, params.temperature, params.logit_scale, params.softcap,
+                            params.ignore_index, with_log_sum_p2)
+        ctx.inplace_grad = inplace_grad
+        _stats_setup(ctx, (logits, targets, backend, params.temperature, params.logit_scale, params.softcap,
+                           params.ignore_index, with_log_sum_p2), outputs)
+        logp, entropy, _, _, log_sum_p2 = outputs
+        return logp, entropy, log_sum_p2
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logp, grad_entropy, _grad_log_sum_p2):
-        logits, targets, lse, mean_x = ctx.saved_tensors
-        if grad_logp is None and grad_entropy is None:
-            return None, None, None, None, None, None
-        zeros = torch.zeros(lse.shape, dtype=torch.float32, device=lse.device)
-        g_lp = zeros if grad_logp is None else grad_logp.to(torch.float32)
-        g_entropy = zeros if grad_entropy is None else grad_entropy.to(torch.float32)
-        out = logits.detach() if ctx.inplace_grad else None
-        grad = primitives(ctx.backend).grad(logits, targets, CoreStats(zeros, zeros, lse, mean_x), g_lp, g_entropy,
-                                            ctx.params, out=out)
-        if ctx.inplace_grad:
-            # A kernel's write is invisible to autograd: announce it, so stale readers raise.
-            torch.autograd.graph.increment_version(logits)
-        return grad, None, None, None, None, None
+        return _stats_backward(ctx, grad_logp, grad_entropy, None, None, None)[:6]
 
 
 def token_stats(
