@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "mutants"
 SNAPSHOT = OUT / "snapshot"
 REPORT = OUT / "mutation-report.md"
+TIMES = OUT / "mutant-times.txt"
 SNAPSHOT_PATHS = ("fastrl_kernels", "tests", "csrc", "pyproject.toml")
 
 
@@ -155,6 +156,9 @@ def report(files: list[Path], deselected: list[str], seconds: dict, measured: st
     lines += ["| module | killed | survived | timeout | no tests | other | score | mutant test time |"]
     lines += ["|---|---|---|---|---|---|---|---|"]
     survivors, totals = [], Counter()
+    seconds_by_mutant = {}
+    if TIMES.exists():
+        seconds_by_mutant = {name: float(t) for name, t in (line.split() for line in TIMES.read_text().splitlines())}
     for path in files:
         data = SourceFileMutationData(path=path)
         data.load()
@@ -163,7 +167,7 @@ def report(files: list[Path], deselected: list[str], seconds: dict, measured: st
         total = sum(counts.values())
         other = total - sum(counts[s] for s in ("killed", "survived", "timeout", "no tests"))
         score = f"{counts['killed'] / total:.1%}" if total else "-"
-        spent = sum(data.durations_by_key.values())
+        spent = sum(seconds_by_mutant.get(mutant, 0.0) for mutant in data.exit_code_by_key)
         lines.append(
             f"| {path} | {counts['killed']} | {counts['survived']} | {counts['timeout']} | {counts['no tests']}"
             f" | {other} | {score} | {spent:.0f} s |"
@@ -217,9 +221,12 @@ def main() -> int:
     if deselected:
         print("Deselected, as they fail on the unmodified code:", " ".join(deselected[1::2]))
 
-    # mutmut runs pytest in-process, which reads PYTEST_ADDOPTS: the deselection reaches every run.
-    addopts = f"{shlex.join(deselected)} {os.environ.get('PYTEST_ADDOPTS', '')}".strip()
-    env.update(PYTEST_ADDOPTS=addopts, TORCH_EXTENSIONS_DIR=str(cache / "mutants"))
+    # mutmut runs pytest in-process, which reads PYTEST_ADDOPTS: the deselection reaches every run, and
+    # so does the plugin timing each mutant's tests (scripts/ on the path for it).
+    addopts = f"{shlex.join(deselected + ['-p', 'mutation_timing'])} {os.environ.get('PYTEST_ADDOPTS', '')}"
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT / "scripts"), os.environ.get("PYTHONPATH")]))
+    env.update(PYTEST_ADDOPTS=addopts.strip(), PYTHONPATH=pythonpath, FASTRL_MUTATION_TIMES=str(TIMES))
+    env.update(TORCH_EXTENSIONS_DIR=str(cache / "mutants"))
     # Mutant names are <module>.x_<function>__mutmut_<n> or <module>.xǁ<Class>ǁ<method>__mutmut_<n>.
     patterns = [f"{module_name(f)}.x*" for f in files]
     mutmut = Path(sys.executable).with_name("mutmut")
