@@ -213,16 +213,11 @@ def no_sync_step(rec: Recorder, device: str, dry: bool) -> None:
 
 
 def _events_ms(fn, warmup: int = 3, repeats: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
-    for start, end in pairs:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in pairs)
+    """Median milliseconds of ``fn`` by CUDA events (bench/gpu_suite.py's timer)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_suite import time_cuda
+
+    return statistics.median(time_cuda(fn, warmup, repeats))
 
 
 def breakdown(rec: Recorder, device: str, dry: bool) -> None:
