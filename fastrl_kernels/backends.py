@@ -46,9 +46,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return _resolve(backend, device.type)
 
 
-# torch.compile evaluates this once while tracing and keeps the name as a constant: the answer depends
-# on the installation (a build, an import), never on tensor values.
-@torch.compiler.assume_constant_result
 def _resolve(backend: str, device_type: str) -> str:
     global _warned_native_fallback
     device = torch.device(device_type)
@@ -80,6 +77,12 @@ def _resolve(backend: str, device_type: str) -> str:
             raise RuntimeError(f"backend='native': the native module is unavailable ({error})") from error
     return backend
 
+
+# torch.compile evaluates _resolve once while tracing and keeps the name as a constant: the answer
+# depends on the installation (a build, an import), never on tensor values. This is the mark that
+# torch.compiler.assume_constant_result sets; the decorator itself would import Dynamo, and with it
+# triton, at `import fastrl_kernels` (tests/test_compile.py fails if the mark stops working).
+_resolve._dynamo_marked_constant = True
 
 _MODULES: dict = {}
 
