@@ -11,7 +11,9 @@ At one shape (fp32 logits, normal(0, 2^2)) it times forward + backward of
   naive eager             log_softmax + gather + entropy + the same loss, autograd backward
 Each time is the median of ``--repeats`` runs, the implementations interleaved run by run so drift
 on a shared machine hits them alike; the logits are refilled outside the timed region (an in-place
-step destroys them). Ratios are within this run. No assertions: the numbers are recorded.
+step destroys them). The gradient is taken with ``torch.autograd.grad``, as it reaches the lm_head
+in a model: accumulating it into a leaf's ``.grad`` would add a copy of N x V that no training step
+pays. Ratios are within this run. No assertions: the numbers are recorded.
 """
 
 from __future__ import annotations
@@ -61,16 +63,15 @@ def main(argv=None) -> int:
         def run():
             if kind == "token_logprobs":
                 logp, entropy = fk.token_logprobs(leaf, targets, backend=args.backend)
-                (logp.sum() + 0.01 * entropy.sum()).backward()
+                torch.autograd.grad(logp.sum() + 0.01 * entropy.sum(), leaf)
             elif kind == "naive":
                 loss, _, _ = naive_policy_loss(leaf, targets, old, adv, mask, ref, temperature=1.0, clip_eps_low=0.2,
                                                clip_eps_high=0.28, kl_coef=0.04)
-                loss.backward()
+                torch.autograd.grad(loss, leaf)
             else:
                 out = fk.policy_loss(leaf, targets, old, adv, masked if kind == "masked" else mask, ref_logprobs=ref,
                                      backend=args.backend, inplace_grad=kind in ("inplace", "masked"), **OPTIONS)
-                out.loss.backward()
-            leaf.grad = None
+                torch.autograd.grad(out.loss, leaf)
 
         start = time.perf_counter()
         run()
