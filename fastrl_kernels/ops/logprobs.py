@@ -61,8 +61,8 @@ def _(logits, targets, backend, temperature, logit_scale, softcap, ignore_index,
                                                                                      dtype=torch.float32)
 
 
-def _grad_args(logits, targets, lse, mean_x, g_lp, g_entropy, backend, temperature, logit_scale, softcap,
-               ignore_index):
+def _grad_inputs(lse, mean_x, backend, temperature, logit_scale, softcap, ignore_index):
+    """(primitives, the stats pass 2 reads, CoreParams) from a grad op's plain arguments."""
     zeros = torch.zeros(lse.shape, dtype=torch.float32, device=lse.device)
     stats = CoreStats(zeros, zeros, lse, mean_x)
     return primitives(backend), stats, CoreParams(temperature, logit_scale, softcap, ignore_index)
@@ -74,8 +74,7 @@ def _grad_op(
     g_entropy: torch.Tensor, backend: str, temperature: float, logit_scale: float, softcap: Optional[float],
     ignore_index: int,
 ) -> torch.Tensor:
-    prims, stats, params = _grad_args(logits, targets, lse, mean_x, g_lp, g_entropy, backend, temperature,
-                                      logit_scale, softcap, ignore_index)
+    prims, stats, params = _grad_inputs(lse, mean_x, backend, temperature, logit_scale, softcap, ignore_index)
     return prims.grad(logits, targets, stats, g_lp, g_entropy, params)
 
 
@@ -90,37 +89,9 @@ def _grad_inplace_op(
     g_entropy: torch.Tensor, backend: str, temperature: float, logit_scale: float, softcap: Optional[float],
     ignore_index: int,
 ) -> None:
-    """The gradient written over the logits (autograd's version counter is bumped by the op)."""
-    prims, stats, params = _grad_args(logits, targets, lse, mean_x, g_lp, g_entropy, backend, temperature,
-                                      logit_scale, softcap, ignore_index)
+    """The gradient written over the logits (the op declares the mutation: the version counter moves)."""
+    prims, stats, params = _grad_inputs(lse, mean_x, backend, temperature, logit_scale, softcap, ignore_index)
     prims.grad(logits, targets, stats, g_lp, g_entropy, params, out=logits)
-
-
-def _stats_setup(ctx, inputs, output):
-    logits, targets, backend, temperature, logit_scale, softcap, ignore_index, _ = inputs
-    _, _, lse, mean_x, log_sum_p2 = output
-    ctx.save_for_backward(logits, targets, lse, mean_x)
-    ctx.options = (backend, temperature, logit_scale, softcap, ignore_index)
-    # lse, mean_x and log sum p^2 (WPO weights) are statistics of the policy, never differentiated.
-    ctx.mark_non_differentiable(lse, mean_x, log_sum_p2)
-    ctx.set_materialize_grads(False)
-
-
-def _stats_backward(ctx, grad_logp, grad_entropy, _lse, _mean_x, _log_sum_p2):
-    """Pass 2, once, with the upstream gradients of (logp, entropy) as the per-token coefficients."""
-    logits, targets, lse, mean_x = ctx.saved_tensors
-    nothing = (None,) * 8
-    if grad_logp is None and grad_entropy is None:
-        return nothing
-    zeros = torch.zeros(lse.shape, dtype=torch.float32, device=lse.device)
-    g_lp = zeros if grad_logp is None else grad_logp.to(torch.float32)
-    g_entropy = zeros if grad_entropy is None else grad_entropy.to(torch.float32)
-    backend, temperature, logit_scale, softcap, ignore_index, inplace_grad = ctx.options + (ctx.inplace_grad,)
-    args = (targets, lse, mean_x, g_lp, g_entropy, backend, temperature, logit_scale, softcap, ignore_index)
-    if inplace_grad:
-        _grad_inplace_op(logits, *args)
-        return (logits,) + nothing[1:]
-    return (_grad_op(logits, *args),) + nothing[1:]
 
 
 class _TokenStats(torch.autograd.Function):
@@ -130,24 +101,36 @@ class _TokenStats(torch.autograd.Function):
     Whatever O(N) algebra consumes logp and entropy (a loss, metrics, a second loss on the same
     log-probs), autograd sums its gradients into those two [N] vectors before this backward runs once:
     a training step reads the logits twice and writes N x V once. With ``inplace_grad`` the gradient
-    is written over the saved logits and autograd's version counter is bumped, so any other graph
-    that saved them (or a second backward through this one) fails loudly instead of reading it.
+    is written over the saved logits and autograd's version counter moves, so any other graph that
+    saved them (or a second backward through this one) fails loudly instead of reading it.
     """
 
     @staticmethod
     def forward(ctx, logits, targets, backend: str, params: CoreParams, inplace_grad: bool, with_log_sum_p2: bool):
-        outputs = _stats_op(logits, targets, backend, params.temperature, params.logit_scale, params.softcap,
-                            params.ignore_index, with_log_sum_p2)
-        ctx.inplace_grad = inplace_grad
-        _stats_setup(ctx, (logits, targets, backend, params.temperature, params.logit_scale, params.softcap,
-                           params.ignore_index, with_log_sum_p2), outputs)
-        logp, entropy, _, _, log_sum_p2 = outputs
+        options = (backend, params.temperature, params.logit_scale, params.softcap, params.ignore_index)
+        logp, entropy, lse, mean_x, log_sum_p2 = _stats_op(logits, targets, *options, with_log_sum_p2)
+        ctx.save_for_backward(logits, targets, lse, mean_x)
+        ctx.options, ctx.inplace_grad = options, inplace_grad
+        # log sum p^2 (WPO weights) is a statistic of the policy, never differentiated.
+        ctx.mark_non_differentiable(log_sum_p2)
+        ctx.set_materialize_grads(False)
         return logp, entropy, log_sum_p2
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logp, grad_entropy, _grad_log_sum_p2):
-        return _stats_backward(ctx, grad_logp, grad_entropy, None, None, None)[:6]
+        if grad_logp is None and grad_entropy is None:
+            return (None,) * 6
+        logits, targets, lse, mean_x = ctx.saved_tensors
+        zeros = torch.zeros(lse.shape, dtype=torch.float32, device=lse.device)
+        g_lp = zeros if grad_logp is None else grad_logp.to(torch.float32)
+        g_entropy = zeros if grad_entropy is None else grad_entropy.to(torch.float32)
+        if ctx.inplace_grad:
+            _grad_inplace_op(logits, targets, lse, mean_x, g_lp, g_entropy, *ctx.options)
+            grad = logits
+        else:
+            grad = _grad_op(logits, targets, lse, mean_x, g_lp, g_entropy, *ctx.options)
+        return (grad,) + (None,) * 5
 
 
 def token_stats(
