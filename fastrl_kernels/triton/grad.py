@@ -222,7 +222,7 @@ def grad(
     *,
     launch: Optional[LaunchConfig] = None,
 ) -> torch.Tensor:
-    """Pass 2 of the core op (SPEC sections 4, 6b): dL/dlogits, one read of ``logits`` and one write.
+    """Pass 2 of the core op (docs/design.md): dL/dlogits, one read of ``logits`` and one write.
 
     logits ``[N, V]`` and targets ``[N]`` as for ``stats``; ``stats`` from pass 1 (only ``lse`` and
     ``mean_x`` are read); g_lp = dL/dlogp and g_entropy = dL/dentropy, float32 ``[N]``.

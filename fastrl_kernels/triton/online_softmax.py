@@ -174,8 +174,9 @@ class LaunchConfig:
 # lanes per thread (bf16 on sm_90a: 151 at 32, 64 at 16, 32 at 8, per `python -m
 # fastrl_kernels.triton.inspect`): 8 KiB tiles (16 lanes per thread) keep it at 64 registers, four
 # programs per SM, for 0.4 more instructions per element. Under softcap (an accurate tanh per
-# element) both kernels take half their tile, which keeps them from spilling on sm_80. When a whole row fits in fewer lanes, one program takes several
-# rows (up to 16) so small vocabularies still fill the tile.
+# element) both kernels take half their tile, which keeps them from spilling on sm_80. When a whole
+# row fits in fewer lanes, one program takes several rows (up to 16) so small vocabularies still fill
+# the tile.
 _TILE_BYTES = {("stats", False): 16384, ("stats", True): 8192, ("grad", False): 8192, ("grad", True): 4096}
 _MAX_ROWS = 16
 

@@ -146,7 +146,7 @@ def stats(
     *,
     launch: Optional[LaunchConfig] = None,
 ) -> CoreStats:
-    """Pass 1 of the core op (SPEC sections 4, 6b): one streaming read of ``logits``.
+    """Pass 1 of the core op (docs/design.md): one streaming read of ``logits``.
 
     logits: ``[N, V]`` float32/bfloat16/float16, unit stride in the last dim, any row stride.
     targets: ``[N]`` int64 in [0, V) or ``params.ignore_index``.
