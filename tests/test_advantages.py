@@ -228,3 +228,40 @@ def test_value_loss_normalizer_replaces_the_divisor(loss_agg):
             scale = 1.0 if loss_agg != "seq-mean-token-mean" else 1.0 / mask.sum(dim=1, keepdim=True)
             want = (values.detach() - returns) * mask * scale / 4.0
             torch.testing.assert_close(grad.double(), want.double(), rtol=1e-6, atol=1e-7)
+
+
+def test_value_loss_clips_below_as_well_as_above():
+    # v 0.8 below old: v_clip = old - 0.5 = 0.5, and (0.5 - 0)^2 = 0.25 beats the unclipped 0.2^2.
+    v = torch.tensor([0.2], dtype=torch.float64, requires_grad=True)
+    old, returns = torch.tensor([1.0], dtype=torch.float64), torch.tensor([0.0], dtype=torch.float64)
+    for fn in (ref.value_loss, ops.value_loss):
+        assert fn(v, old, returns, clip=0.5, loss_agg="sum").item() == pytest.approx(0.5 * 0.25, abs=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_value_loss_is_float32_whatever_the_input_dtype(dtype):
+    values = torch.tensor([[0.5, 1.5]], dtype=dtype, requires_grad=True)
+    old, returns = torch.tensor([[1.0, 1.0]], dtype=dtype), torch.tensor([[0.0, 2.0]], dtype=dtype)
+    loss = ops.value_loss(values, old, returns, clip=0.2)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(ref.value_loss(values.double(), old.double(), returns.double(),
+                                                       clip=0.2).item(), rel=1e-2)
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(values=torch.zeros(2, 3, 4)), ValueError, r"values: expected shape \[B, T\] or \[N\], got \(2, 3, 4\)"),
+        (dict(values=torch.zeros(2, 3, dtype=torch.int64)), TypeError, "values: expected"),
+        (dict(old_values=torch.zeros(2, 4)), ValueError,
+         r"old_values: expected shape \(2, 3\) \(the shape of values\)"),
+        (dict(returns=torch.zeros(3, 3)), ValueError, r"returns: expected shape \(2, 3\) \(the shape of values\)"),
+        (dict(clip=0.0), ValueError, r"clip: expected a number > 0 or None, got 0.0"),
+    ],
+)
+def test_value_loss_bad_inputs_name_the_argument(change, error, match):
+    args = dict(values=torch.zeros(2, 3), old_values=torch.zeros(2, 3), returns=torch.zeros(2, 3))
+    clip = change.pop("clip", None)
+    args.update(change)
+    with pytest.raises(error, match=match):
+        ops.value_loss(args["values"], args["old_values"], args["returns"], clip=clip)
