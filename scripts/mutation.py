@@ -4,7 +4,8 @@
    taken into ``mutants/snapshot/``; everything below runs there, so edits made meanwhile do not mix in.
 2. The fast tests configured in ``[tool.mutmut]`` run once on the unmodified snapshot; tests failing
    there are deselected for the run (a mutant is only judged by tests that pass without it) and listed.
-3. ``mutmut run`` with one worker over the mutants of the named modules (default: all configured ones).
+3. ``mutmut run`` with one worker (``--workers N``: N) over the mutants of the named modules (default:
+   all configured ones).
 4. The score per module and every surviving mutant (file:line in the snapshot, and its diff) are
    printed and written to ``mutants/mutation-report.md``.
 """
@@ -198,6 +199,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("modules", nargs="*", help="files or folders among the mutated ones (default: all)")
     parser.add_argument("--rev", help="measure this commit instead of the working tree")
+    parser.add_argument("--workers", type=int, default=1, help="mutants tested at once (default 1)")
     args = parser.parse_args()
     measured = take_snapshot(args.rev)
     config = mutmut_config()
@@ -231,7 +233,7 @@ def main() -> int:
     patterns = [f"{module_name(f)}.x*" for f in files]
     mutmut = Path(sys.executable).with_name("mutmut")
     start = time.monotonic()
-    run = subprocess.run([str(mutmut), "run", "--max-children", "1", *patterns], cwd=SNAPSHOT, env=env)
+    run = subprocess.run([str(mutmut), "run", "--max-children", str(args.workers), *patterns], cwd=SNAPSHOT, env=env)
     seconds["mutmut"] = time.monotonic() - start
     if run.returncode != 0:
         print(f"mutation: mutmut exited with {run.returncode}", file=sys.stderr)
