@@ -2,7 +2,9 @@
 
 Rows are processed in chunks that fit in cache; each chunk reuses two float32 work buffers with
 in-place ops, so the extra memory is O(chunk x V) plus the gradient output. One read of the
-logits for ``stats``, one read and one write for ``grad``.
+logits for ``stats``, one read and one write for ``grad``. Rows whose target is ``ignore_index`` are
+never read: when there are any, the other rows are gathered chunk by chunk into a cache-sized buffer
+(finding them costs one host sync on an accelerator), and their gradient rows are written as zeros.
 """
 
 from __future__ import annotations
@@ -76,22 +78,42 @@ def _safe_targets(targets: torch.Tensor, ignore_index: int):
     return valid, torch.where(valid, targets, torch.zeros_like(targets)).unsqueeze(1)
 
 
+def _row_chunks(logits: torch.Tensor, valid: torch.Tensor, rows: int):
+    """Yields ``(sel, z)`` per chunk of the rows to compute: ``sel`` picks them in [N]-shaped outputs,
+    ``z`` holds their logits. Contiguous slices (views, no copy) when every row is valid; otherwise the
+    valid rows' indices, with those rows gathered into one reused chunk buffer (ignored rows unread)."""
+    n_rows = logits.shape[0]
+    index = valid.nonzero().view(-1)
+    if index.numel() == n_rows:
+        for start in range(0, n_rows, rows):
+            sel = slice(start, min(start + rows, n_rows))
+            yield sel, logits[sel]
+        return
+    z_buf = logits.new_empty((min(rows, index.numel()), logits.shape[1]))
+    for start in range(0, index.numel(), rows):
+        sel = index[start : start + rows]
+        z = z_buf[: sel.numel()]
+        torch.index_select(logits, 0, sel, out=z)
+        yield sel, z
+
+
 def stats(
     logits: torch.Tensor, targets: torch.Tensor, params: CoreParams, with_log_sum_p2: bool = False
 ) -> CoreStats:
     n_rows, vocab = logits.shape
     device = logits.device
-    logp, entropy = torch.empty((2, n_rows), dtype=torch.float32, device=device)
-    lse, mean_x = torch.empty((2, n_rows), dtype=torch.float64, device=device)
-    log_sum_p2 = torch.empty(n_rows, dtype=torch.float32, device=device) if with_log_sum_p2 else None
+    # Zeros: ignored rows keep logp = entropy = lse = mean_x = 0 (as in the other backends).
+    logp, entropy = torch.zeros((2, n_rows), dtype=torch.float32, device=device)
+    lse, mean_x = torch.zeros((2, n_rows), dtype=torch.float64, device=device)
+    log_sum_p2 = torch.zeros(n_rows, dtype=torch.float32, device=device) if with_log_sum_p2 else None
     rows = rows_per_chunk(n_rows, vocab)
     x_buf = torch.empty((rows, vocab), dtype=torch.float32, device=device)
     e_buf = torch.empty_like(x_buf)
     valid, safe_targets = _safe_targets(targets, params.ignore_index)
-    for start in range(0, n_rows, rows):
-        stop = min(start + rows, n_rows)
-        x, e = x_buf[: stop - start], e_buf[: stop - start]
-        row_max, _ = _shifted_into(x, logits[start:stop], params)
+    for sel, z in _row_chunks(logits, valid, rows):
+        count = z.shape[0]
+        x, e = x_buf[:count], e_buf[:count]
+        row_max, _ = _shifted_into(x, z, params)
         x.clamp_(min=_MOST_NEGATIVE_SHIFT)
         torch.exp(x, out=e)
         s = e.sum(dim=1)
@@ -102,15 +124,12 @@ def stats(
         log_s = s.log()
         mean_shifted = t / s
         m = row_max.view(-1)
-        logp[start:stop] = x.gather(1, safe_targets[start:stop]).view(-1) - log_s
-        entropy[start:stop] = log_s - mean_shifted
-        lse[start:stop] = m + log_s.double()
-        mean_x[start:stop] = m + mean_shifted.double()
+        logp[sel] = x.gather(1, safe_targets[sel]).view(-1) - log_s
+        entropy[sel] = log_s - mean_shifted
+        lse[sel] = m + log_s.double()
+        mean_x[sel] = m + mean_shifted.double()
         if with_log_sum_p2:
-            log_sum_p2[start:stop] = s2.log() - 2.0 * log_s
-    zero = torch.zeros((), dtype=torch.float32, device=device)
-    logp.copy_(torch.where(valid, logp, zero))
-    entropy.copy_(torch.where(valid, entropy, zero))
+            log_sum_p2[sel] = s2.log() - 2.0 * log_s
     return CoreStats(logp, entropy, lse, mean_x, log_sum_p2)
 
 
@@ -127,36 +146,43 @@ def grad(
     if out is None:
         out = torch.empty_like(logits)
     valid, safe_targets = _safe_targets(targets, params.ignore_index)
-    zero = torch.zeros((), dtype=torch.float32, device=logits.device)
-    g_lp = torch.where(valid, g_lp.float(), zero)
-    g_entropy = torch.where(valid, g_entropy.float(), zero)
     # dL/dx_j = -p_j [g_lp + g_H (x_j - E)] + g_lp 1[j=y], written with x - lse as the working variable:
     # x_j - E = (x_j - lse) + (lse - E).
+    g_lp, g_entropy = g_lp.float(), g_entropy.float()
     offset = (g_lp + g_entropy * (stats.lse - stats.mean_x).float()).unsqueeze(1)
     g_h = g_entropy.unsqueeze(1)
     lse = stats.lse.double().unsqueeze(1)
     rows = rows_per_chunk(n_rows, vocab)
-    # A float32 output is its own work buffer (one pass less); other dtypes go through x_buf.
-    work_in_out = out.dtype == torch.float32
+    every_row = bool(valid.all())
+    if not every_row:
+        out[~valid] = 0  # written, never read: ignored rows get a zero gradient whatever they hold
+    # A float32 output is its own work buffer when its rows are contiguous slices (one pass less);
+    # otherwise the chunk is computed in x_buf and copied (or scattered) into out.
+    work_in_out = out.dtype == torch.float32 and every_row
     x_buf = None if work_in_out else torch.empty((rows, vocab), dtype=torch.float32, device=logits.device)
     p_buf = torch.empty((rows, vocab), dtype=torch.float32, device=logits.device)
     base_scale = params.logit_scale / params.temperature
-    for start in range(0, n_rows, rows):
-        stop = min(start + rows, n_rows)
-        x = out[start:stop] if work_in_out else x_buf[: stop - start]
-        p = p_buf[: stop - start]
-        tanh = _minus_lse_into(x, logits[start:stop], lse[start:stop], params)
+    for sel, z in _row_chunks(logits, valid, rows):
+        count = z.shape[0]
+        x = out[sel] if work_in_out else x_buf[:count]
+        p = p_buf[:count]
+        tanh = _minus_lse_into(x, z, lse[sel], params)
         x.clamp_(min=_MOST_NEGATIVE_SHIFT)
         torch.exp(x, out=p)
         # (addcmul with broadcast [rows, 1] operands is several times slower than these two ops)
-        x.mul_(g_h[start:stop]).add_(offset[start:stop]).mul_(p)
+        x.mul_(g_h[sel]).add_(offset[sel]).mul_(p)
+        g_lp_rows = g_lp[sel].unsqueeze(1)
         if tanh is None:
             # scale folds in the sign: dL/dz = scale (g_lp 1[j=y] - p (g_lp + g_H (x - E)))
             x.mul_(-base_scale)
-            x.scatter_add_(1, safe_targets[start:stop], base_scale * g_lp[start:stop].unsqueeze(1))
+            x.scatter_add_(1, safe_targets[sel], base_scale * g_lp_rows)
         else:
-            x.neg_().scatter_add_(1, safe_targets[start:stop], g_lp[start:stop].unsqueeze(1))
+            x.neg_().scatter_add_(1, safe_targets[sel], g_lp_rows)
             x.mul_(tanh.mul_(tanh).neg_().add_(1.0).mul_(base_scale))
-        if not work_in_out:
-            out[start:stop].copy_(x)
+        if work_in_out:
+            continue
+        if isinstance(sel, slice):
+            out[sel].copy_(x)
+        else:
+            out.index_copy_(0, sel, x.to(out.dtype))
     return out

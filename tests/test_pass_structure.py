@@ -143,3 +143,83 @@ def test_torch_backend_step_has_no_whole_tensor_op_besides_the_primitives(counte
         # The two primitives (custom ops, in whose bodies the torch backend works chunk by chunk)
         # and autograd's backward of ``z * 1.0`` (the test's own op, not ours).
         assert mode.ops == ["token_stats", "token_grad_" if inplace else "token_grad", "mul"], (inplace, mode.ops)
+
+
+class LogitsReads(TorchDispatchMode):
+    """Records, for every op that takes a tensor sharing the logits' storage as an input, the op's name
+    and (for index_select) the rows it gathers."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.storage = logits.untyped_storage().data_ptr()
+        self.ops, self.rows = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        inputs = [a for a in torch.utils._pytree.tree_leaves(args) if isinstance(a, torch.Tensor)]
+        if inputs and name not in ("empty", "empty_like", "new_empty") and any(
+                t.untyped_storage().data_ptr() == self.storage for t in inputs[:1]):
+            self.ops.append(name)
+            if name == "index_select":
+                self.rows += args[2].tolist()
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_torch_backend_reads_only_the_rows_it_computes(inplace):
+    """Both torch-backend primitives gather exactly the rows whose target is not ignore_index (in
+    chunks) and touch the ignored rows only to write their zero gradient."""
+    from fastrl_kernels import torch_backend
+    from fastrl_kernels.core import CoreParams
+
+    g = torch.Generator().manual_seed(5)
+    n, v = 40, 16384  # 16 rows per chunk: the 25 kept rows span two chunks
+    logits = torch.randn(n, v, generator=g)
+    targets = torch.randint(0, v, (n,), generator=g)
+    ignored = torch.rand(n, generator=g) < 0.4
+    targets[ignored] = -100
+    params = CoreParams(1.0, 1.0, None, -100)
+    kept = (~ignored).nonzero().view(-1).tolist()
+    with LogitsReads(logits) as mode:
+        stats = torch_backend.stats(logits, targets, params)
+    assert sorted(mode.rows) == kept and set(mode.ops) == {"index_select"}, mode.ops
+    g_lp, g_h = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    with LogitsReads(logits) as mode:
+        torch_backend.grad(logits, targets, stats, g_lp, g_h, params, out=logits if inplace else None)
+    assert sorted(mode.rows) == kept, mode.rows
+    # In place, the ignored rows are written (index_put_ of zeros) and the kept ones scattered back.
+    expected = {"index_select", "index_put_", "index_copy_"} if inplace else {"index_select"}
+    assert set(mode.ops) == expected, mode.ops
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("garbage", [float("nan"), float("inf"), -float("inf"), 3e38])
+def test_ignored_rows_give_zero_whatever_they_hold(backend, garbage):
+    """Ignored rows holding NaN / inf / huge logits give logp = entropy = 0 and a zero gradient row,
+    and leave every other row's values and gradient as they are with finite ignored rows."""
+    g = torch.Generator().manual_seed(6)
+    n, v = 24, 3000
+    logits = 3.0 * torch.randn(n, v, generator=g)
+    targets = torch.randint(0, v, (n,), generator=g)
+    ignored = torch.zeros(n, dtype=torch.bool)
+    ignored[[0, 5, 6, 7, 23]] = True
+    targets[ignored] = -100
+    coef = torch.randn(n, generator=g)
+
+    def run(z):
+        z = z.clone().requires_grad_(True)
+        logp, entropy = fk.token_logprobs(z, targets, backend=backend)
+        (grad,) = torch.autograd.grad((coef * logp).sum() + (coef * entropy).sum(), z)
+        return logp, entropy, grad
+
+    clean = run(logits)
+    poisoned = logits.clone()
+    poisoned[ignored] = garbage
+    dirty = run(poisoned)
+    for a, b in zip(clean, dirty):
+        assert torch.equal(a, b)
+    assert bool((dirty[0][ignored] == 0).all() and (dirty[1][ignored] == 0).all())
+    assert bool((dirty[2][ignored] == 0).all())
+    assert_close_to_reference(dirty[0], fk.token_logprobs(logits, targets, backend="reference")[0], dtype=torch.float32,
+                              name="logp")
