@@ -50,7 +50,10 @@ def per_token_policy_loss(
         weight = ratio.clamp(1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high).detach()
         return -weight * adv * logp
     if cfg.loss_type == "sapo":
-        temp = torch.where(adv > 0, cfg.sapo_temp_pos, cfg.sapo_temp_neg)
+        # The temperatures in the ratio's precision, at least float32, whatever the default dtype.
+        dtype = torch.promote_types(ratio.dtype, torch.float32)
+        temp_pos = torch.tensor(cfg.sapo_temp_pos, dtype=dtype, device=ratio.device)
+        temp = torch.where(adv > 0, temp_pos, cfg.sapo_temp_neg)
         x = temp * (ratio - 1.0)
         # sigmoid(x) as 1 - sigmoid(-x) for x > 0: autograd's s (1 - s) then works on the smaller of
         # sigmoid(+-x), which keeps its precision where the gate saturates (float32 1 - s would not).
