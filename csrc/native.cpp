@@ -155,6 +155,7 @@ void grad_rows(const at::Tensor& logits, at::Tensor& out, const int64_t* y, int6
       }
       row_grad<Simd, SOFTCAP>(base + i * rs, o, v, y[i], lse[i], mean_x[i], g_lp[i], g_h[i], tr);
     }
+    store_fence();
   });
 }
 

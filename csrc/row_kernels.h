@@ -215,9 +215,31 @@ void row_grad_sweep(const T* z, T* o, int64_t V_, int64_t y, float frame, float 
   o[y] = static_cast<T>(g_lp * tr.dxdz * S::lane0(factor) + g_y);
 }
 
+// Zeros one gradient row of an ignored token. The row is never read, so its cache lines are written
+// with non-temporal stores where the build has them: an ordinary store first reads each line from
+// memory (write-allocate), doubling the traffic of a row that carries no information. The caller
+// issues store_fence() before the results are used.
 template <class T>
 void row_store_zero(T* o, int64_t V_) {
+#ifdef FASTRL_NATIVE_AVX2
+  char* p = reinterpret_cast<char*>(o);
+  char* const end = reinterpret_cast<char*>(o + V_);
+  char* aligned = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(p) + 31) & ~uintptr_t{31});
+  if (aligned > end) aligned = end;
+  std::fill(p, aligned, char{0});  // all-zero bits are 0.0 in every float format
+  const __m256i zero = _mm256_setzero_si256();
+  for (; aligned + 32 <= end; aligned += 32) _mm256_stream_si256(reinterpret_cast<__m256i*>(aligned), zero);
+  std::fill(aligned, end, char{0});
+#else
   std::fill(o, o + V_, static_cast<T>(0.0f));
+#endif
+}
+
+// Orders the non-temporal stores of row_store_zero before later loads and stores of the thread.
+inline void store_fence() {
+#ifdef FASTRL_NATIVE_AVX2
+  _mm_sfence();
+#endif
 }
 
 // Pass 2 from the float64 lse and mean_x of pass 1, taken apart on a frame c (in v units):
