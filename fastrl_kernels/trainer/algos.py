@@ -63,6 +63,18 @@ class TrainConfig:
         return asdict(self)
 
 
+def model_config(cfg: TrainConfig) -> TinyGPTConfig:
+    """The policy's shape for ``cfg`` (a resumed checkpoint's weights are checked against it)."""
+    return TinyGPTConfig(
+        vocab_size=max(cfg.vocab_pad, len(T.CharTokenizer())),
+        context=cfg.digits + 2 + T.answer_length(cfg.digits),
+        d_model=cfg.d_model,
+        n_layers=cfg.layers,
+        n_heads=cfg.heads,
+        value_head=cfg.algo == "ppo",
+    )
+
+
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     m = mask.float()
     return float((x.detach() * m).sum() / m.sum().clamp(min=1.0))
@@ -79,14 +91,7 @@ class Trainer:
         self.tok = T.CharTokenizer()
         self.prompt_len = cfg.digits + 2
         self.answer_len = T.answer_length(cfg.digits)
-        self.model_cfg = TinyGPTConfig(
-            vocab_size=max(cfg.vocab_pad, len(self.tok)),
-            context=self.prompt_len + self.answer_len,
-            d_model=cfg.d_model,
-            n_layers=cfg.layers,
-            n_heads=cfg.heads,
-            value_head=cfg.algo == "ppo",
-        )
+        self.model_cfg = model_config(cfg)
         self.model = TinyGPT(self.model_cfg).to(self.device)
         self.ref: Optional[TinyGPT] = None
         self.kernels = LossKernels(cfg.kernel, cfg.backend)

@@ -73,30 +73,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check(p: argparse.ArgumentParser, cfg: TrainConfig) -> None:
+def config_problem(cfg: TrainConfig, *, environment: bool = True) -> Optional[str]:
+    """The first invalid option of ``cfg`` as one message naming its flag, or None.
+    ``environment``: also check what this machine offers (CUDA for --device cuda / --backend triton)."""
     positive = ("steps", "batch_size", "group_size", "epochs", "d_model", "layers", "heads")
     for name in positive:
         if getattr(cfg, name) < 1:
-            p.error(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(cfg, name)}")
+            return f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(cfg, name)}"
     if cfg.warmup_steps < 0:
-        p.error(f"--warmup-steps: expected an integer >= 0, got {cfg.warmup_steps}")
+        return f"--warmup-steps: expected an integer >= 0, got {cfg.warmup_steps}"
     for name in ("lr", "temperature", "beta"):
         if not getattr(cfg, name) > 0:
-            p.error(f"--{name}: expected a number > 0, got {getattr(cfg, name)}")
+            return f"--{name}: expected a number > 0, got {getattr(cfg, name)}"
     if cfg.kl_coef < 0 or cfg.clip_eps < 0:
-        p.error(f"--kl-coef / --clip-eps: expected numbers >= 0, got {cfg.kl_coef} / {cfg.clip_eps}")
+        return f"--kl-coef / --clip-eps: expected numbers >= 0, got {cfg.kl_coef} / {cfg.clip_eps}"
     if cfg.algo == "grpo" and cfg.group_size < 2:
-        p.error(f"--group-size: GRPO compares samples within a group, expected >= 2, got {cfg.group_size}")
+        return f"--group-size: GRPO compares samples within a group, expected >= 2, got {cfg.group_size}"
     if not 2 <= cfg.digits <= 9:
-        p.error(f"--digits: expected 2..9, got {cfg.digits}")
+        return f"--digits: expected 2..9, got {cfg.digits}"
     if cfg.d_model % cfg.heads:
-        p.error(f"--d-model: expected a multiple of --heads={cfg.heads}, got {cfg.d_model}")
+        return f"--d-model: expected a multiple of --heads={cfg.heads}, got {cfg.d_model}"
     if cfg.vocab_pad < 0:
-        p.error(f"--vocab-pad: expected an integer >= 0, got {cfg.vocab_pad}")
+        return f"--vocab-pad: expected an integer >= 0, got {cfg.vocab_pad}"
+    if not environment:
+        return None
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available to this torch build; use --device cpu")
+        return "--device cuda: no CUDA device is available to this torch build; use --device cpu"
     if cfg.backend == "triton" and cfg.device != "cuda":
-        p.error("--backend triton: expected --device cuda (Triton kernels run on the GPU)")
+        return "--backend triton: expected --device cuda (Triton kernels run on the GPU)"
+    return None
+
+
+def _check(p: argparse.ArgumentParser, cfg: TrainConfig) -> None:
+    problem = config_problem(cfg)
+    if problem:
+        p.error(problem)
+
+
+def _refuse_checkpoint(p: argparse.ArgumentParser, message: str) -> None:
+    # One line, no usage text: the flags were fine, the file is not.
+    p.exit(2, f"{p.prog}: error: {message}\n")
 
 
 def resolve(p: argparse.ArgumentParser, args: argparse.Namespace):
@@ -104,26 +120,32 @@ def resolve(p: argparse.ArgumentParser, args: argparse.Namespace):
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
     state = None
     if args.resume is not None:
-        from .run import load_checkpoint
+        from .checkpoint import CheckpointError, check_compatible, checkpoint_file, load_checkpoint
 
+        file = checkpoint_file(args.resume)
         try:
             state = load_checkpoint(args.resume)
-        except (FileNotFoundError, RuntimeError) as exc:
-            p.error(str(exc))
-        saved = dict(state["config"])
-        if saved["algo"] != args.algo:
-            p.error(f"--resume: {args.resume} holds a {saved['algo']} run, not {args.algo}")
+            saved = TrainConfig(**state["config"])
+            problem = config_problem(saved, environment=False)
+            if problem:
+                raise CheckpointError(f"--resume: {file}: invalid saved option {problem}")
+            if saved.algo != args.algo:
+                raise CheckpointError(f"--resume: {file} holds a {saved.algo} run, not {args.algo}")
+            check_compatible(state, saved, file)
+        except CheckpointError as exc:
+            _refuse_checkpoint(p, str(exc))
         ignored = sorted(set(given) - set(RESUME_FLAGS) - {"algo"})
         if ignored:
             print(f"fastrl-train: resuming, so {ignored} come from the checkpoint", file=sys.stderr)
-        saved.update({k: v for k, v in given.items() if k in RESUME_FLAGS})
-        cfg = TrainConfig(**saved)
+        cfg = TrainConfig(**{**saved.to_dict(), **{k: v for k, v in given.items() if k in RESUME_FLAGS}})
         if cfg.steps <= state["step"]:
             p.error(f"--steps: the checkpoint is at step {state['step']}; expected a larger total, got {cfg.steps}")
     else:
         cfg = TrainConfig(**{**ALGO_DEFAULTS[args.algo], **given})
     _check(p, cfg)
-    out = args.out or args.resume or Path("runs") / cfg.algo
+    # A checkpoint file (not a run directory) resumes into the folder that holds it.
+    resumed_into = None if args.resume is None else (args.resume if args.resume.is_dir() else args.resume.parent)
+    out = args.out or resumed_into or Path("runs") / cfg.algo
     return cfg, state, out
 
 

@@ -21,9 +21,10 @@ from typing import Optional
 import torch
 
 from .algos import TrainConfig, Trainer
+from .checkpoint import CHECKPOINT, load_checkpoint  # noqa: F401  (load_checkpoint: part of this module's API)
 from .dist import DistContext, any_rank, gather_objects, parameter_digest
 
-LOG, SUMMARY, CURVES, CHECKPOINT = "log.jsonl", "summary.json", "curves.png", "checkpoint.pt"
+LOG, SUMMARY, CURVES = "log.jsonl", "summary.json", "curves.png"
 MEMORY_NOTE = (
     "loss_peak_bytes: peak extra memory of the loss step (loss forward + gradient w.r.t. the logits). "
     "CUDA: torch.cuda.max_memory_allocated above the bytes allocated at its start. CPU: peak total "
@@ -77,13 +78,6 @@ def save_checkpoint(trainer: Trainer, out: Path) -> None:
     tmp = out / (CHECKPOINT + ".tmp")
     torch.save(state, tmp)
     tmp.replace(out / CHECKPOINT)  # atomic: a stop during the save keeps the previous checkpoint
-
-
-def load_checkpoint(path: Path) -> dict:
-    file = path / CHECKPOINT if path.is_dir() else path
-    if not file.exists():
-        raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {path}")
-    return torch.load(file, map_location="cpu", weights_only=True)
 
 
 def run(
