@@ -2,8 +2,10 @@
 
 The C++ sources (``csrc/`` at the repository root, or ``fastrl_kernels/csrc/`` in an installed
 package) are compiled on first use with ``torch.utils.cpp_extension.load`` (ninja) and cached in
-torch's extensions directory; nothing happens at import. ``python -m fastrl_kernels.native build``
-prebuilds and prints where the build lives.
+torch's extensions directory, in a folder named after the Python, torch, ISA and a digest of the
+sources (``build_directory``); nothing happens at import. ``python -m fastrl_kernels.native build``
+prebuilds and prints where the build lives. Builds and loads are locked across processes and refused
+in a folder that other users can write (``native_cache``).
 
 Rows run in parallel (OpenMP through ``at::parallel_for``, so ``torch.set_num_threads`` applies);
 one row is one task, so results do not depend on the thread count. Inner loops use AVX2/FMA/F16C when
@@ -14,6 +16,7 @@ the CPU has them (that build is cached under its own name), else portable scalar
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import re
 import sys
@@ -24,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from . import native_cache
 from .core import CoreParams, CoreStats
 
 _SOURCES = ("native.cpp",)
@@ -66,11 +70,38 @@ def isa() -> str:
     return "avx2" if set(_AVX2_FLAGS) <= _cpu_flags() else "generic"
 
 
+def _source_bytes(src: Path) -> dict:
+    return {name: (src / name).read_bytes() for name in _SOURCES + _HEADERS}
+
+
+def _flags(target_isa: str) -> tuple:
+    cflags = ["-O3", "-fopenmp"]
+    if target_isa == "avx2":
+        cflags += ["-mavx2", "-mfma", "-mf16c"]
+    return cflags, ["-fopenmp"]
+
+
+def _digest(files: dict, target_isa: str) -> str:
+    # Everything this module feeds the build: the sources and the flags.
+    parts = [files[name] for name in _SOURCES + _HEADERS] + [repr(_flags(target_isa)).encode()]
+    return hashlib.sha256(b"".join(parts)).hexdigest()
+
+
+def _sources_or_raise() -> Path:
+    src = source_dir()
+    if src is None:
+        raise RuntimeError("fastrl_kernels.native: C++ sources not found (looked for csrc/ next to the package)")
+    return src
+
+
 def build_directory() -> Path:
-    """Where the extension is built: torch's extensions root, one folder per Python, torch and ISA.
+    """Where the extension is built: torch's extensions root, one folder per Python, torch, ISA and sources.
 
     The ISA is part of the name because an AVX2 build must never be loaded on a CPU without AVX2
-    (the root may be shared between machines); torch's version too, as the binary links against it.
+    (the root may be shared between machines); torch's version too, as the binary links against it;
+    and a digest of the C++ sources and flags, so two installs of different versions never build into
+    (or load a half-written library from) the same folder. The root is $TORCH_EXTENSIONS_DIR, else
+    torch's default (~/.cache/torch_extensions).
     """
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     if not root:
@@ -79,41 +110,78 @@ def build_directory() -> Path:
         root = get_default_build_root()
     torch_tag = re.sub(r"[^0-9A-Za-z]+", "_", torch.__version__)
     py_tag = f"py{sys.version_info.major}{sys.version_info.minor}"
-    return Path(root) / f"fastrl_native_{py_tag}_torch{torch_tag}_{isa()}"
+    target_isa = isa()
+    digest = _digest(_source_bytes(_sources_or_raise()), target_isa)[:16]
+    return Path(os.path.abspath(root)) / f"fastrl_native_{py_tag}_torch{torch_tag}_{target_isa}_{digest}"
+
+
+def _copy_sources(files: dict, dest: Path) -> None:
+    # Built from a copy inside the build folder, the ninja file is the same for every install with
+    # these sources, wherever it lives: a second checkout loads the first one's build, not rebuilds it.
+    dest.mkdir(mode=0o755, exist_ok=True)
+    for name, data in files.items():
+        target = dest / name
+        if not target.is_file() or target.read_bytes() != data:
+            target.write_bytes(data)
+
+
+def _import_library(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _build(verbose: bool = False) -> ModuleType:
     from torch.utils.cpp_extension import load as load_extension
 
-    src = source_dir()
-    if src is None:
-        raise RuntimeError("fastrl_kernels.native: C++ sources not found (looked for csrc/ next to the package)")
+    files = _source_bytes(_sources_or_raise())
     target_isa = isa()
-    # torch's rebuild check hashes the .cpp sources and the flags, not the headers: a digest of every
-    # source file among the flags makes any edit rebuild.
-    digest = hashlib.sha256(b"".join((src / name).read_bytes() for name in _SOURCES + _HEADERS)).hexdigest()
-    cflags = ["-O3", "-fopenmp", f"-DFASTRL_NATIVE_SOURCES={digest[:16]}"]
-    if target_isa == "avx2":
-        cflags += ["-mavx2", "-mfma", "-mf16c"]
+    digest = _digest(files, target_isa)
+    cflags, ldflags = _flags(target_isa)
+    # torch's rebuild check hashes the .cpp sources and the flags, not the headers: the digest among
+    # the flags makes any edit rebuild.
+    cflags = cflags + [f"-DFASTRL_NATIVE_SOURCES={digest[:16]}"]
+    name = f"fastrl_native_{target_isa}"
     directory = build_directory()
-    directory.mkdir(parents=True, exist_ok=True)
-    stamp = directory / "fastrl_sources.sha256"
-    fresh = not stamp.exists() or stamp.read_text().strip() != digest
-    if fresh:
-        # A first build takes ~25 s on two cores: say so, rather than stall a training step in silence.
-        print(f"fastrl_kernels.native: compiling the C++ backend for {target_isa} into {directory} "
-              "(first use after an install or an update; later runs load it)", file=sys.stderr, flush=True)
-    module = load_extension(
-        name=f"fastrl_native_{target_isa}",
-        sources=[str(src / name) for name in _SOURCES],
-        extra_include_paths=[str(src)],
-        extra_cflags=cflags,
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(directory),
-        verbose=verbose,
-    )
-    if fresh:
-        stamp.write_text(digest)
+    native_cache.make_directory(directory)
+    native_cache.check(directory, "TORCH_EXTENSIONS_DIR")
+    stamp = directory / "fastrl_sources.sha256"  # written once a build has loaded
+    library = directory / f"{name}.so"
+
+    def built() -> bool:
+        return stamp.is_file() and stamp.read_text().strip() == digest
+
+    def say_waiting() -> None:
+        if not built():
+            print(f"fastrl_kernels.native: waiting for another process compiling the C++ backend into {directory}",
+                  file=sys.stderr, flush=True)
+
+    with native_cache.exclusive(directory, on_wait=say_waiting):
+        if built() and library.is_file():
+            # The folder's name fixes every input of this build, so a finished one is loaded as it is.
+            # (Asking torch would run ninja, which rebuilds from scratch whenever another ninja
+            # version, say the system's and a virtualenv's, wrote the folder's build log last.)
+            return _import_library(name, library)
+        fresh = not built()
+        if fresh:
+            # A first build takes ~25 s on two cores: say so, rather than stall a training step in silence.
+            print(f"fastrl_kernels.native: compiling the C++ backend for {target_isa} into {directory} "
+                  "(first use after an install or an update; later runs load it)", file=sys.stderr, flush=True)
+            stamp.unlink(missing_ok=True)
+        src = directory / "src"
+        _copy_sources(files, src)
+        module = load_extension(
+            name=name,
+            sources=[str(src / source) for source in _SOURCES],
+            extra_include_paths=[str(src)],
+            extra_cflags=cflags,
+            extra_ldflags=ldflags,
+            build_directory=str(directory),
+            verbose=verbose,
+        )
+        if fresh:
+            stamp.write_text(digest)
     return module
 
 
@@ -122,7 +190,7 @@ def load(verbose: bool = False) -> ModuleType:
 
     Raises RuntimeError carrying the compiler's message when it cannot be built; a failure is
     remembered, so later calls raise at once. Safe to call from several threads (a lock) and
-    processes (torch's file lock on the build directory).
+    processes (a file lock on the build directory, ``native_cache.exclusive``).
     """
     global _module, _error
     with _lock:
