@@ -1,7 +1,8 @@
 """fastrl_kernels: fused, memory-lean loss kernels for RL fine-tuning of language models.
 
 Public API (SPEC section 3). Imports are lazy: ``import fastrl_kernels`` loads no kernel backend,
-touches no CUDA state and compiles nothing.
+touches no CUDA state and compiles nothing. It does check torch's version (``versions.py``): a torch
+outside the admitted range fails here, with one message, rather than inside the first op.
 """
 
 from __future__ import annotations
@@ -9,7 +10,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+import torch as _torch
+
+from .versions import check_torch as _check_torch
+
 __version__ = "0.1.0"
+_check_torch(_torch.__version__)
 
 _EXPORTS = {
     "PolicyLossConfig": "fastrl_kernels.config",
