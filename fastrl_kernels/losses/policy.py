@@ -142,12 +142,20 @@ def policy_loss_from_logprobs(
     adv = advantages.to(logp.dtype)
     if adv.dim() == 1 and logp.dim() == 2:
         adv = adv.unsqueeze(1)  # [B]: one advantage per sequence
-    # Masked positions may hold padding garbage: pin their ratio to 1 and their KL to 0, so that no
-    # inf * 0 = NaN reaches the loss, the metrics or the gradient.
+    # Masked positions may hold padding garbage (0, +-1e4, +-inf, NaN) in every input: pin their ratio
+    # to 1, their KL, advantage, log-prob and entropy to 0 and their importance weight to 1, so that no
+    # inf * 0 = NaN reaches the loss, the metrics or the gradient. old / ref log-probs, advantages and
+    # is_weights are constants of the loss (detached even when they require grad).
     unmasked = mask > 0
-    old_logprobs = torch.where(unmasked, old_logprobs.to(logp.dtype), logp.detach())
+    logp = torch.where(unmasked, logp, 0.0)
+    if entropy is not None:
+        entropy = torch.where(unmasked, entropy, 0.0)
+    old_logprobs = torch.where(unmasked, old_logprobs.detach().to(logp.dtype), logp.detach())
     if ref_logprobs is not None:
-        ref_logprobs = torch.where(unmasked, ref_logprobs.to(logp.dtype), logp.detach())
+        ref_logprobs = torch.where(unmasked, ref_logprobs.detach().to(logp.dtype), logp.detach())
+    adv = torch.where(unmasked, adv.detach(), 0.0)
+    if is_weights is not None:
+        is_weights = torch.where(unmasked, is_weights.detach().to(logp.dtype), 1.0)
     ratio = _ratio(logp, old_logprobs, mask, cfg.loss_type)
     token_loss, kl = _token_loss(logp, ratio, adv, ref_logprobs, is_weights, cfg)
     loss = aggregate(token_loss, mask, cfg.loss_agg, normalizer)
@@ -161,8 +169,9 @@ def _metrics(ratio, adv, mask, kl, bonus_entropy, cfg: PolicyLossConfig) -> dict
     low = ((ratio < 1.0 - cfg.clip_eps_low) & (adv < 0)).to(ratio.dtype)
     high = ((ratio > 1.0 + cfg.clip_eps_high) & (adv > 0)).to(ratio.dtype)
     # ratio > 0 always, so masked-out entries set to 0 leave the max of the unmasked ones (0 if none).
-    ratio_max = torch.where(mask > 0, ratio, torch.zeros_like(ratio)).amax()
     zero = torch.zeros((), dtype=ratio.dtype, device=ratio.device)
+    # (amax of an empty batch raises: B = 0 or T = 0 gives 0, like an all-masked batch)
+    ratio_max = torch.where(mask > 0, ratio, torch.zeros_like(ratio)).amax() if ratio.numel() else zero
     return {
         "clip_frac_low": masked_mean(low, mask),
         "clip_frac_high": masked_mean(high, mask),

@@ -151,6 +151,7 @@ def policy_loss_from_logprobs(
     logp = _as_2d(logp.to(torch.float64))
     m = _float_mask(None if mask is None else _as_2d(mask), logp)
     unmasked = m > 0
+    logp = torch.where(unmasked, logp, 0.0)
     # Masked positions may hold padding garbage: pin their ratio to 1 and their KL to 0 so that no
     # inf * 0 = NaN reaches the loss or the gradient.
     old = torch.where(unmasked, _as_2d(old_logprobs).detach().to(torch.float64), logp.detach())
@@ -160,7 +161,8 @@ def policy_loss_from_logprobs(
         raise ValueError(
             f"advantages: expected shape {tuple(logp.shape)} or [{logp.shape[0]}], got {tuple(advantages.shape)}"
         )
-    adv = adv.expand_as(logp)
+    # Garbage at masked positions (advantages, is_weights, entropy) is pinned to a neutral value too.
+    adv = torch.where(unmasked, adv.expand_as(logp), 0.0)
 
     log_ratio = logp - old
     if cfg.loss_type in ("gspo", "gspo_token"):
@@ -183,7 +185,7 @@ def policy_loss_from_logprobs(
         if cfg.dual_clip is not None:
             per_token = torch.where(adv < 0, torch.minimum(per_token, -cfg.dual_clip * adv), per_token)
     if is_weights is not None:
-        per_token = per_token * _as_2d(is_weights).detach().to(torch.float64)
+        per_token = per_token * torch.where(unmasked, _as_2d(is_weights).detach().to(torch.float64), 1.0)
 
     kl = torch.zeros_like(logp)
     if ref_logprobs is not None:
@@ -192,7 +194,7 @@ def policy_loss_from_logprobs(
         per_token = per_token + cfg.kl_coef * kl
 
     if cfg.entropy_mode == "exact":
-        h = _as_2d(entropy.to(torch.float64))
+        h = torch.where(unmasked, _as_2d(entropy.to(torch.float64)), 0.0)
     else:
         h = -logp
     loss = aggregate(per_token, m, cfg.loss_agg, normalizer)
@@ -250,8 +252,9 @@ def policy_loss(
         ignore_index=ignore_index,
     )
     m = _float_mask(mask, logp) * (targets != ignore_index).to(torch.float64)
-    # Masked tokens carry no log-prob or entropy (the fused ops never read their logits).
-    logp, entropy = logp * (m > 0), entropy * (m > 0)
+    # Masked tokens carry no log-prob or entropy (the fused ops never read their logits, which may
+    # hold anything, NaN included).
+    logp, entropy = torch.where(m > 0, logp, 0.0), torch.where(m > 0, entropy, 0.0)
     loss, metrics = policy_loss_from_logprobs(
         logp,
         entropy,
