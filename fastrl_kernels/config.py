@@ -5,7 +5,9 @@ Every error names the argument, what was expected and what was given.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import numbers
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any, Optional, Union
 
@@ -47,14 +49,48 @@ def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
         raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
 
 
-def _check_nonneg(name: str, value: Optional[float]) -> None:
-    if value is not None and not value >= 0:
-        raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
+def check_real(name: str, value: Any, expected: str, ok: Callable[[float], bool] = lambda x: True, *,
+               allow_inf: bool = False) -> None:
+    """Raise ValueError unless ``value`` is a real number (not a bool) for which ``ok`` holds.
+
+    NaN is always refused, +-inf unless ``allow_inf``. ``expected`` reads "a number > 0" (or "None or a
+    number ..."); for a NaN or an infinite value the message says "a finite number > 0".
+    """
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if real and not math.isnan(value) and (allow_inf or math.isfinite(value)) and ok(value):
+        return
+    if real and not allow_inf and not math.isfinite(value):
+        expected = expected.replace("a ", "a finite ", 1)
+    raise ValueError(f"{name}: expected {expected}, got {value!r}")
 
 
-def check_temperature(temperature: float) -> None:
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature: expected a number > 0, got {temperature!r}")
+def _check_nonneg(name: str, value: Any) -> None:
+    # +inf is allowed: a clip range of inf is no clipping on that side.
+    check_real(name, value, "a number >= 0", lambda x: x >= 0, allow_inf=True)
+
+
+def check_temperature(temperature: Any) -> None:
+    check_real("temperature", temperature, "a number > 0", lambda x: x > 0)
+
+
+def check_normalizer(normalizer: Any, name: str = "normalizer") -> None:
+    """None, a finite number > 0, or a float / int tensor of such values.
+
+    A tensor's values are read only on CPU and outside torch.compile tracing (on an accelerator the
+    read would sync the host): there a normalizer of 0 gives inf / NaN, as a division by 0 does.
+    """
+    if normalizer is None:
+        return
+    if not isinstance(normalizer, torch.Tensor):
+        check_real(name, normalizer, "None, a number > 0 or a tensor of them", lambda x: x > 0)
+        return
+    if normalizer.dtype == torch.bool or normalizer.is_complex():
+        raise TypeError(f"{name}: expected a float or integer tensor, got {normalizer.dtype}")
+    if normalizer.device.type == "cpu" and not torch.compiler.is_compiling() and normalizer.numel() > 0:
+        values = normalizer.detach().double()
+        if not bool((torch.isfinite(values) & (values > 0)).all()):
+            bad = values[~(torch.isfinite(values) & (values > 0))][0].item()
+            raise ValueError(f"{name}: expected finite values > 0, got {bad!r}")
 
 
 @dataclass(frozen=True)
@@ -86,16 +122,20 @@ class PolicyLossConfig:
         _check_choice("loss_type", self.loss_type, POLICY_LOSS_TYPES)
         _check_nonneg("clip_eps_low", self.clip_eps_low)
         _check_nonneg("clip_eps_high", self.clip_eps_high)
-        if self.delta is not None and not self.delta > 1.0:
-            raise ValueError(f"delta: expected a ratio cap > 1, got {self.delta!r}")
-        if self.dual_clip is not None and not self.dual_clip > 1.0:
-            raise ValueError(f"dual_clip: expected a constant > 1, got {self.dual_clip!r}")
+        # Options that None turns off must be finite (inf would only spell None another way).
+        if self.delta is not None:
+            check_real("delta", self.delta, "a ratio cap > 1", lambda x: x > 1.0)
+        if self.dual_clip is not None:
+            check_real("dual_clip", self.dual_clip, "a constant > 1", lambda x: x > 1.0)
         for name in ("sapo_temp_pos", "sapo_temp_neg"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}: expected a number > 0, got {getattr(self, name)!r}")
+            check_real(name, getattr(self, name), "a number > 0", lambda x: x > 0)
+        # The KL term is a penalty: a negative weight would reward moving away from the reference.
+        check_real("kl_coef", self.kl_coef, "a number >= 0", lambda x: x >= 0)
         _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
-        if self.kl_clamp is not None and not self.kl_clamp > 0:
-            raise ValueError(f"kl_clamp: expected a number > 0, got {self.kl_clamp!r}")
+        if self.kl_clamp is not None:
+            check_real("kl_clamp", self.kl_clamp, "a number > 0", lambda x: x > 0)
+        # Any sign: a negative entropy_coef penalises entropy instead of rewarding it.
+        check_real("entropy_coef", self.entropy_coef, "a number")
         _check_choice("entropy_mode", self.entropy_mode, ENTROPY_MODES)
         object.__setattr__(self, "loss_agg", canonical_loss_agg(self.loss_agg))
         if self.entropy_agg is not None:
@@ -251,8 +291,7 @@ class DPOConfig:
     discopop_tau: float = 0.05
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.beta, (int, float)) and self.beta > 0):
-            raise ValueError(f"beta: expected a number > 0, got {self.beta!r}")
+        check_real("beta", self.beta, "a number > 0", lambda x: x > 0)
         types = (self.loss_type,) if isinstance(self.loss_type, str) else tuple(self.loss_type)
         if not types:
             raise ValueError("loss_type: expected a name or a non-empty sequence of names, got []")
@@ -261,21 +300,24 @@ class DPOConfig:
         if not isinstance(self.loss_type, str):
             object.__setattr__(self, "loss_type", types)
         if self.loss_weights is not None:
-            weights = tuple(float(w) for w in self.loss_weights)
+            weights = tuple(self.loss_weights)
+            for weight in weights:
+                check_real("loss_weights", weight, "numbers >= 0", lambda x: x >= 0)
+            weights = tuple(float(w) for w in weights)
             if len(weights) != len(types):
                 raise ValueError(
                     f"loss_weights: expected {len(types)} weight(s), one per loss_type, got {len(weights)}"
                 )
             object.__setattr__(self, "loss_weights", weights)
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing: expected a number in [0, 0.5), got {self.label_smoothing!r}")
+        check_real("label_smoothing", self.label_smoothing, "a number in [0, 0.5)", lambda x: 0.0 <= x < 0.5)
         _check_choice("f_divergence", self.f_divergence, F_DIVERGENCES)
-        if not (isinstance(self.f_alpha, (int, float)) and abs(self.f_alpha) < float("inf")):
-            raise ValueError(f"f_alpha: expected a finite number, got {self.f_alpha!r}")
-        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
-            raise ValueError(f"ld_alpha: expected None or a number in [0, 1], got {self.ld_alpha!r}")
-        if not self.discopop_tau > 0:
-            raise ValueError(f"discopop_tau: expected a number > 0, got {self.discopop_tau!r}")
+        check_real("f_alpha", self.f_alpha, "a number")
+        if self.ld_alpha is not None:
+            check_real("ld_alpha", self.ld_alpha, "None or a number in [0, 1]", lambda x: 0.0 <= x <= 1.0)
+        check_real("discopop_tau", self.discopop_tau, "a number > 0", lambda x: x > 0)
+        for name in ("use_weighting", "average_logps"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
 
     @property
     def loss_types(self) -> tuple:

@@ -19,6 +19,8 @@ folded into ignore_index by the ops, cost no traffic.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Protocol
 
@@ -77,3 +79,32 @@ class Primitives(Protocol):
         params: CoreParams,
         out: Optional[torch.Tensor] = None,
     ) -> torch.Tensor: ...
+
+
+def float64_on_float32_rows(stats: Callable, grad: Callable) -> tuple[Callable, Callable]:
+    """``(stats, grad)`` of a backend whose kernels read float32 / bfloat16 / float16 only, extended to
+    float64 logits: they run on a float32 copy of the rows (float64 logits are for testing; that copy
+    is N x V) and the gradient comes back in float64, into ``out`` when given (``logits`` itself for
+    an in-place gradient). Results are those of the float32-rounded logits; only
+    ``backend="reference"`` computes in float64. Other keyword options go to the backend's functions.
+    """
+
+    @functools.wraps(stats)
+    def stats_any_float(logits, targets, params, with_log_sum_p2=False, **options):
+        if logits.dtype == torch.float64:
+            logits = logits.to(torch.float32)
+        return stats(logits, targets, params, with_log_sum_p2, **options)
+
+    @functools.wraps(grad)
+    def grad_any_float(logits, targets, stats, g_lp, g_entropy, params, out=None, **options):
+        if logits.dtype != torch.float64:
+            return grad(logits, targets, stats, g_lp, g_entropy, params, out=out, **options)
+        if out is not None and (out.shape != logits.shape or out.dtype != logits.dtype
+                                or out.device != logits.device):
+            raise ValueError(f"out: expected {tuple(logits.shape)} {logits.dtype} on {logits.device}, "
+                             f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+        rows = logits.to(torch.float32)
+        rows = grad(rows, targets, stats, g_lp, g_entropy, params, out=rows, **options)
+        return rows.to(torch.float64) if out is None else out.copy_(rows)
+
+    return stats_any_float, grad_any_float

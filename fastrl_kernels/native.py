@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from . import native_cache
-from .core import CoreParams, CoreStats
+from .core import CoreParams, CoreStats, float64_on_float32_rows
 
 _SOURCES = ("native.cpp",)
 _HEADERS = ("row_kernels.h", "simd.h")
@@ -291,6 +291,10 @@ def grad(
         _softcap_arg(params),
         int(params.ignore_index),
     )
+
+
+# float64 logits (for testing) run on a float32 copy of the rows; the gradient comes back in float64.
+stats, grad = float64_on_float32_rows(stats, grad)
 
 
 def _main(argv: list) -> int:

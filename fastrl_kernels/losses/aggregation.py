@@ -10,6 +10,8 @@ from typing import Optional, Union
 
 import torch
 
+from ..config import check_normalizer
+
 Normalizer = Optional[Union[float, int, torch.Tensor]]
 
 
@@ -24,6 +26,7 @@ def aggregation_weights(mask: torch.Tensor, mode: str, normalizer: Normalizer = 
     They depend on the mask only, so a loss aggregated this way is a sum of per-token terms: the
     lm_head path evaluates it chunk by chunk and still gets the exact gradient.
     """
+    check_normalizer(normalizer)  # 0, negative, NaN or inf would give an inf / NaN / sign-flipped loss
     batch, length = mask.shape
     if mode == "seq-mean-token-mean":
         weights = mask / mask.sum(dim=1, keepdim=True).clamp(min=1.0)

@@ -10,7 +10,7 @@ from typing import Optional, Union
 
 import torch
 
-from ..config import as_float_mask, canonical_loss_agg, check_float_tensor, check_shape
+from ..config import as_float_mask, canonical_loss_agg, check_float_tensor, check_normalizer, check_real, check_shape
 from ..losses.aggregation import aggregate
 
 Number = Union[float, int, torch.Tensor]
@@ -46,11 +46,15 @@ def gae(
     (verl's ``compute_gae_advantage_return``). returns = A + V. ``whiten=True``: verl's
     ``masked_whiten`` of A (batch mean, unbiased variance over unmasked steps, eps 1e-8; variance 0
     when at most one step is unmasked); returns are taken before whitening. Advantages are 0 at masked
-    steps (where returns = V). One vectorised step per t over the batch.
+    steps (where returns = V). One vectorised step per t over the batch. ``gamma`` and ``lam`` lie in
+    [0, 1] (ValueError otherwise); B = 0 or T = 0 gives empty results.
     """
     _check_2d("rewards", rewards)
     check_shape("values", values, rewards.shape, "the shape of rewards")
     check_float_tensor("values", values)
+    # Discounts outside [0, 1] make A grow geometrically with T (or flip sign step by step).
+    check_real("gamma", gamma, "a number in [0, 1]", lambda x: 0.0 <= x <= 1.0)
+    check_real("lam", lam, "a number in [0, 1]", lambda x: 0.0 <= x <= 1.0)
     with torch.no_grad():
         r = rewards.to(torch.float32)
         v = values.to(torch.float32)
@@ -88,6 +92,8 @@ def group_advantages(
     rewards ``[B]`` (any float dtype), groups contiguous: ``rewards.view(-1, group_size)`` (TRL's
     layout). A = (r - mean_g) / (std_g + eps), std_g with ``std_ddof`` (0: the seed's ``np.std``;
     1: TRL / verl's ``torch.std``); ``scale="none"``: r - mean_g (Dr. GRPO, TRL ``scale_rewards="none"``).
+    ``eps`` is finite and > 0, so a group of equal rewards gets 0 (not 0 / 0); a group of one
+    (``group_size=1``) gets 0 too, and is refused with ``std_ddof=1`` (its sample std divides by 0).
     """
     check_float_tensor("rewards", rewards)
     if rewards.dim() != 1:
@@ -96,6 +102,10 @@ def group_advantages(
         raise ValueError(f"group_size: expected a divisor of the batch size {rewards.shape[0]}, got {group_size}")
     if scale not in ("std", "none"):
         raise ValueError(f"scale: expected 'std' or 'none', got {scale!r}")
+    if not isinstance(std_ddof, int) or isinstance(std_ddof, bool) or std_ddof < 0:
+        raise ValueError(f"std_ddof: expected an int >= 0 (0: population std, 1: sample std), got {std_ddof!r}")
+    # eps = 0 would turn a group of equal rewards (std 0) into 0 / 0 = NaN.
+    check_real("eps", eps, "a number > 0", lambda x: x > 0)
     if scale == "std" and group_size - std_ddof < 1:
         raise ValueError(f"group_size: expected > std_ddof={std_ddof} for scale='std', got {group_size}")
     with torch.no_grad():
@@ -123,16 +133,18 @@ def value_loss(
     0.5 * max((v - R)^2, (v_clip - R)^2), v_clip = v_old + clamp(v - v_old, -clip, clip); ``clip=None``
     gives 0.5 * (v - R)^2 (verl's ``compute_value_loss``, OpenRLHF's ``ValueLoss``). Reduced like the
     policy losses (``loss_agg``: "token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
-    "seq-mean-token-sum-norm", "sum" or TRL's names; ``normalizer`` replaces the default divisor).
+    "seq-mean-token-sum-norm", "sum" or TRL's names; ``normalizer``, a finite number > 0, replaces the
+    default divisor). No tokens (or none unmasked) give 0. ``clip`` is None or a finite number > 0.
     """
     check_float_tensor("values", values)
     if values.dim() not in (1, 2):
         raise ValueError(f"values: expected shape [B, T] or [N], got {tuple(values.shape)}")
     check_shape("old_values", old_values, values.shape, "the shape of values")
     check_shape("returns", returns, values.shape, "the shape of values")
-    if clip is not None and not clip > 0:
-        raise ValueError(f"clip: expected a number > 0 or None, got {clip!r}")
+    if clip is not None:
+        check_real("clip", clip, "a number > 0 or None", lambda x: x > 0)
     mode = canonical_loss_agg(loss_agg)
+    check_normalizer(normalizer)
     v = values.to(torch.float32)
     old = old_values.detach().to(torch.float32)
     target = returns.detach().to(torch.float32)

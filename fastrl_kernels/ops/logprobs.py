@@ -13,16 +13,16 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..backends import primitives, resolve_backend
-from ..config import check_backend, check_logits_targets, check_temperature
+from ..config import check_backend, check_logits_targets, check_real, check_temperature
 from ..core import CoreParams, CoreStats
 
 
 def core_params(temperature: float, logit_scale: float, softcap: Optional[float], ignore_index: int) -> CoreParams:
     check_temperature(temperature)
-    if not logit_scale > 0:
-        raise ValueError(f"logit_scale: expected a number > 0, got {logit_scale!r}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap: expected None or a number > 0, got {softcap!r}")
+    check_real("logit_scale", logit_scale, "a number > 0", lambda x: x > 0)
+    if softcap is not None:
+        # inf would be "no softcap" spelt another way, and gives inf * tanh(0) = NaN: None says it.
+        check_real("softcap", softcap, "None or a number > 0", lambda x: x > 0)
     return CoreParams(float(temperature), float(logit_scale), None if softcap is None else float(softcap),
                       int(ignore_index))
 
@@ -49,8 +49,9 @@ def _stats_op(
     stats = primitives(backend).stats(logits, targets, params, with_log_sum_p2)
     log_sum_p2 = stats.log_sum_p2 if with_log_sum_p2 else stats.logp.new_zeros(0)
     # A custom op's outputs may not alias: backends return [N] views of one buffer (an O(N) copy).
+    # Empty ones too (N = 0): views of one empty buffer still share its storage.
     outputs = (stats.logp, stats.entropy, stats.lse, stats.mean_x, log_sum_p2)
-    return tuple(t.clone() if t.numel() else t for t in outputs)
+    return tuple(t.clone() for t in outputs)
 
 
 @_stats_op.register_fake
@@ -163,11 +164,13 @@ def token_logprobs(
     """Log-prob of each target token and the entropy of each row, streaming over the vocabulary.
 
     Args:
-        logits: ``[N, V]`` or ``[B, T, V]``, fp32 / bf16 / fp16 (fp64 accepted); rows with unit stride in
-            V are read in place, others are copied once.
+        logits: ``[N, V]`` or ``[B, T, V]``, fp32 / bf16 / fp16, or fp64 for tests (the fused backends
+            compute in fp32 whatever the dtype; the gradient comes back in the logits' dtype); rows with
+            unit stride in V are read in place, others are copied once. N = 0 gives empty outputs.
         targets: int64 of the leading shape, in ``[0, V)`` or ``ignore_index``.
         temperature, logit_scale, softcap: x = c tanh(logit_scale z / c) / temperature with softcap c
-            (Gemma-2's final_logit_softcapping), else logit_scale z / temperature.
+            (Gemma-2's final_logit_softcapping), else logit_scale z / temperature; each finite and > 0
+            (softcap None: no cap).
         with_entropy: return the entropy of softmax(x) (computed in the same pass either way).
         backend: "auto" | "torch" | "native" | "triton" | "reference".
 

@@ -13,6 +13,7 @@ from ..config import (
     check_backend,
     check_float_tensor,
     check_logits_targets,
+    check_normalizer,
     check_same_device,
     check_shape,
     resolve_config,
@@ -56,6 +57,7 @@ def _check_policy_inputs(logits, targets, old_logprobs, advantages, ref_logprobs
     )
     if cfg.kl_coef != 0.0 and ref_logprobs is None:
         raise ValueError(f"ref_logprobs: required when kl_coef != 0 (kl_coef={cfg.kl_coef}), got None")
+    check_normalizer(normalizer)
 
 
 def policy_loss(
@@ -109,6 +111,7 @@ def policy_loss(
     _check_policy_inputs(logits, targets, old_logprobs, advantages, ref_logprobs, is_weights, normalizer, cfg)
     leading = logits.shape[:-1]
     float_mask = as_float_mask(mask, leading, logits) * (targets != ignore_index)
+    params = core_params(cfg.temperature, logit_scale, softcap, ignore_index)  # checks them for every backend
     if backend == "reference":
         from ..reference import policy_loss as reference_policy_loss
 
@@ -121,7 +124,6 @@ def policy_loss(
             loss.float(), logp.float(), entropy.float(), {k: v.float() for k, v in metrics.items()}
         )
     shape = _batch_shape(leading)
-    params = core_params(cfg.temperature, logit_scale, softcap, ignore_index)
     rows, flat_targets = flatten_rows(logits, targets)
     # Masked tokens become ignored rows: the kernels then skip them (a zero gradient row written
     # without reading, and no read in pass 1 where the backend supports it).

@@ -9,8 +9,12 @@ kernels run under Triton's interpreter when ``TRITON_INTERPRET=1`` is set before
 - ``grad``: pass 2, dL/dlogits in one read and one write, in place when ``out`` is the logits.
 """
 
+from ..core import float64_on_float32_rows
 from .grad import grad
 from .online_softmax import LaunchConfig, launch_config
 from .stats import stats
+
+# float64 logits (for testing) run on a float32 copy of the rows, as on the native backend.
+stats, grad = float64_on_float32_rows(stats, grad)
 
 __all__ = ["LaunchConfig", "grad", "launch_config", "stats"]
