@@ -162,6 +162,9 @@ RowStatsOut row_stats(const T* z, int64_t V_, int64_t y, const Transform& tr) {
   const double d_y = static_cast<float>((v_y - r.vmax) * tr.k_hi);  // as in the sweep
   RowStatsOut o;
   o.logp = static_cast<float>(d_y - log_s);
+  // A target at a -inf logit (a masked vocabulary entry) has probability 0: logp = -inf, not the
+  // clamped frame's -1e30. Under softcap a -inf logit is the finite -c.
+  if (!SOFTCAP && static_cast<float>(z[y]) == -std::numeric_limits<float>::infinity()) o.logp = -std::numeric_limits<float>::infinity();
   o.entropy = static_cast<float>(log_s - mean_d);
   o.lse = frame + log_s;
   o.mean_x = frame + mean_d;

@@ -23,7 +23,7 @@ _EXPORTS = {
     "token_logprobs": "fastrl_kernels.ops.logprobs",
     "policy_loss": "fastrl_kernels.ops.policy_loss",
     "PolicyLossOutput": "fastrl_kernels.ops.policy_loss",
-    "policy_loss_from_logprobs": "fastrl_kernels.losses.policy",
+    "policy_loss_from_logprobs": "fastrl_kernels.ops.policy_loss",
     "dpo_loss": "fastrl_kernels.ops.dpo_loss",
     "fused_dpo_loss": "fastrl_kernels.ops.dpo_loss",
     "DPOOutput": "fastrl_kernels.ops.dpo_loss",

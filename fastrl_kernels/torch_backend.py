@@ -124,7 +124,12 @@ def stats(
         log_s = s.log()
         mean_shifted = t / s
         m = row_max.view(-1)
-        logp[sel] = x.gather(1, safe_targets[sel]).view(-1) - log_s
+        logp_rows = x.gather(1, safe_targets[sel]).view(-1) - log_s
+        if params.softcap is None:
+            # A target at a -inf logit has probability 0: logp = -inf, not the clamp's -1e30.
+            dead = z.gather(1, safe_targets[sel]).view(-1) == float("-inf")
+            logp_rows = logp_rows.masked_fill(dead, float("-inf"))
+        logp[sel] = logp_rows
         entropy[sel] = log_s - mean_shifted
         lse[sel] = m + log_s.double()
         mean_x[sel] = m + mean_shifted.double()

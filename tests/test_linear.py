@@ -348,19 +348,27 @@ def test_logprobs_output_feeding_another_loss_gets_its_gradient():
     _assert_grads(leaves, _chain(logits, hidden, weight, bias), torch.float32, "extra logp grad", scales)
 
 
-def test_loss_input_gradients_match_logits_path():
+def test_loss_inputs_stay_constants_like_on_the_logits_path():
+    """advantages / old log-probs that require grad get no gradient on either path (they are
+    constants of the loss), and the weight gradient is that of detached inputs."""
     hidden, weight, bias, targets = _problem((2, 5), 8, 30, seed=6)
-    old = torch.full((2, 5), -3.4)
     for loss_type in ("clip", "gspo"):
-        adv = torch.randn(2, 5, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
-        out = fk.linear_policy_loss(hidden, weight.requires_grad_(), targets, old, adv, bias=bias, chunk_size=3,
+        adv = torch.randn(2, 5, generator=torch.Generator().manual_seed(0))
+        old = torch.full((2, 5), -3.4)
+        live_adv, live_old = adv.clone().requires_grad_(True), old.clone().requires_grad_(True)
+        w = weight.clone().requires_grad_(True)
+        out = fk.linear_policy_loss(hidden, w, targets, live_old, live_adv, bias=bias, chunk_size=3,
                                     backend="torch", loss_type=loss_type)
-        (grad_adv,) = torch.autograd.grad(out.loss, adv)
-        logits = torch.addmm(bias, hidden.view(10, 8), weight.detach().t()).view(2, 5, -1)
-        expected = fk.policy_loss(logits, targets, old, adv, backend="torch", loss_type=loss_type)
-        (grad_expected,) = torch.autograd.grad(expected.loss, adv)
-        torch.testing.assert_close(grad_adv, grad_expected, rtol=1e-5, atol=1e-7)
-        weight.requires_grad_(False)
+        out.loss.backward()
+        assert live_adv.grad is None and live_old.grad is None
+        detached = weight.clone().requires_grad_(True)
+        fk.linear_policy_loss(hidden, detached, targets, old, adv, bias=bias, chunk_size=3, backend="torch",
+                              loss_type=loss_type).loss.backward()
+        assert torch.equal(w.grad, detached.grad)
+        logits = torch.addmm(bias, hidden.view(10, 8), weight.t()).view(2, 5, -1)
+        expected_adv = adv.clone().requires_grad_(True)
+        fk.policy_loss(logits, targets, old, expected_adv, backend="torch", loss_type=loss_type).loss.backward()
+        assert expected_adv.grad is None
 
 
 def test_frozen_weight_skips_weight_gemms():

@@ -24,7 +24,7 @@ from ..config import (
     resolve_config,
 )
 from ..losses.dpo import dpo_metrics, dpo_pair_losses, fused_dpo_objective, pair_mean
-from .fused import fused_logits_loss
+from .fused import fused_logits_loss, refuse_shared_storage
 from .logprobs import core_params
 
 
@@ -173,6 +173,9 @@ def fused_dpo_loss(
         check_float_tensor(name, tensor, FLOAT_DTYPES)
         check_shape(name, tensor, (rows // 2,), "[B], half the rows of logits")
     check_same_device("logits", logits, ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
+    if inplace_grad:
+        refuse_shared_storage(logits, targets=targets, mask=mask, ref_chosen_logps=ref_chosen_logps,
+                              ref_rejected_logps=ref_rejected_logps)
     params = core_params(temperature, 1.0, None, ignore_index)
     if backend == "reference":
         return _reference_fused(logits, targets, response, ref_chosen_logps, ref_rejected_logps, cfg, params)

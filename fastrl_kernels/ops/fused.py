@@ -20,6 +20,20 @@ from .logprobs import token_stats
 LossFn = Callable[..., "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
 
+def refuse_shared_storage(logits: torch.Tensor, **others) -> None:
+    """``inplace_grad`` overwrites the logits during backward: an input sharing their memory would be
+    overwritten with them (and read afterwards), so it is refused. ``others``: name -> tensor or None."""
+    if torch.compiler.is_compiling():  # storages are not traceable; the eager call checks them
+        return
+    storage = logits.untyped_storage().data_ptr()
+    for name, tensor in others.items():
+        if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() == storage:
+            raise ValueError(
+                f"{name}: shares memory with logits, which inplace_grad=True overwrites with their gradient; "
+                f"pass a copy ({name}.clone()) or use inplace_grad=False"
+            )
+
+
 def fused_logits_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,

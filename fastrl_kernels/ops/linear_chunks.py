@@ -28,6 +28,7 @@ import torch
 
 from ..backends import primitives
 from ..core import CoreParams, CoreStats
+from .logprobs import refuse_double_backward
 
 # CPU: chunk logits of at most 64 MiB stay far below a naive N x V buffer while every GEMM still has
 # >= 8 rows x V columns of work; the fp32 grad_weight accumulator is then read and written N / C times.
@@ -194,12 +195,14 @@ class _GradAccumulator:
 
 
 class _StatsStore:
-    """Per-token statistics of every chunk, float32 ``[N]`` each."""
+    """Per-token statistics of every chunk, ``[N]`` each: logp, entropy (and log_sum_p2) float32, lse and
+    E[x] float64 as the primitives give them (pass 2 takes them apart to keep p exact at |z| = 1e4)."""
 
     def __init__(self, n_rows: int, device: torch.device, with_log_sum_p2: bool):
-        self.data = torch.zeros((5 if with_log_sum_p2 else 4, n_rows), dtype=torch.float32, device=device)
-        self.logp, self.entropy, self.lse, self.mean_x = self.data[0], self.data[1], self.data[2], self.data[3]
-        self.log_sum_p2 = self.data[4] if with_log_sum_p2 else None
+        self.data = torch.zeros((3 if with_log_sum_p2 else 2, n_rows), dtype=torch.float32, device=device)
+        self.logp, self.entropy = self.data[0], self.data[1]
+        self.log_sum_p2 = self.data[2] if with_log_sum_p2 else None
+        self.lse, self.mean_x = torch.zeros((2, n_rows), dtype=torch.float64, device=device)
 
     def put(self, start: int, stop: int, stats: CoreStats) -> None:
         self.logp[start:stop] = stats.logp
@@ -275,7 +278,9 @@ def _full_loss(spec: LinearSpec, store: _StatsStore, loss_inputs: tuple, token_g
     wrt = ([logp, entropy] if token_grads else []) + [inputs[i] for i in positions]
     with torch.set_grad_enabled(bool(wrt)):
         loss, aux = spec.loss_fn(logp, entropy, store.log_sum_p2, *inputs)
-        grads = list(torch.autograd.grad(loss, wrt, allow_unused=True)) if wrt else []
+        # A loss that depends on none of them (the loss inputs are constants of every policy loss).
+        differentiable = bool(wrt) and loss.requires_grad
+        grads = list(torch.autograd.grad(loss, wrt, allow_unused=True)) if differentiable else [None] * len(wrt)
     g_lp = g_h = None
     if token_grads:
         g_lp, g_h = grads[:2]
@@ -339,6 +344,7 @@ class LinearLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_logp, grad_entropy, *_aux_grads):
+        refuse_double_backward("the lm_head loss")
         if ctx.grads is None:
             raise RuntimeError(
                 "fastrl_kernels linear loss: backward was already run once; the gradients are computed in the "
@@ -361,7 +367,7 @@ class LinearLoss(torch.autograd.Function):
 def logprobs_backward(ctx, grad_logp, grad_entropy) -> list:
     """Gradients of hidden / weight / bias for incoming gradients of logp and entropy: one more sweep."""
     hidden, weight, bias, targets, lse, mean_x = ctx.saved_tensors
-    zeros = torch.zeros_like(lse)
+    zeros = torch.zeros(lse.shape, dtype=torch.float32, device=lse.device)
     acc = _GradAccumulator(hidden, weight, bias, ctx.needs_input_grad[:3])
     if acc.active:
         spec = ctx.spec
@@ -385,6 +391,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
+        refuse_double_backward("linear_token_logprobs")
         if grad_logp is None and grad_entropy is None:
             return None, None, None, None, None
         return (*logprobs_backward(ctx, grad_logp, grad_entropy), None, None)

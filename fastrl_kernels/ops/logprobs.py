@@ -10,11 +10,23 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..backends import primitives, resolve_backend
 from ..config import check_backend, check_logits_targets, check_real, check_temperature
 from ..core import CoreParams, CoreStats
+
+
+def refuse_double_backward(op: str) -> None:
+    """Raises when autograd runs a backward with ``create_graph=True`` (grad mode is on only then).
+
+    The fused gradients are written by kernels outside autograd's graph: a second derivative through
+    them would silently be zero, so it is refused instead; the reference backend differentiates twice.
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op}: double backward (create_graph=True) is not supported by the fused backends, whose "
+            "gradient is computed outside autograd; use backend='reference' for higher-order gradients"
+        )
 
 
 def core_params(temperature: float, logit_scale: float, softcap: Optional[float], ignore_index: int) -> CoreParams:
@@ -118,8 +130,8 @@ class _TokenStats(torch.autograd.Function):
         return logp, entropy, log_sum_p2
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_logp, grad_entropy, _grad_log_sum_p2):
+        refuse_double_backward("token_logprobs")
         if grad_logp is None and grad_entropy is None:
             return (None,) * 6
         logits, targets, lse, mean_x = ctx.saved_tensors

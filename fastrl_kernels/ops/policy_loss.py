@@ -18,9 +18,9 @@ from ..config import (
     check_shape,
     resolve_config,
 )
+from ..losses import policy as policy_algebra
 from ..losses.aggregation import Normalizer
-from ..losses.policy import policy_loss_from_logprobs
-from .fused import fused_logits_loss
+from .fused import fused_logits_loss, refuse_shared_storage
 from .logprobs import core_params, flatten_rows
 
 
@@ -37,8 +37,11 @@ def _batch_shape(leading: torch.Size) -> tuple[int, int]:
     return (leading[0], leading[1]) if len(leading) == 2 else (1, leading[0])
 
 
-def _check_policy_inputs(logits, targets, old_logprobs, advantages, ref_logprobs, is_weights, normalizer, cfg):
-    leading = tuple(logits.shape[:-1])
+def _check_policy_inputs(logits, targets, old_logprobs, advantages, ref_logprobs, is_weights, normalizer, cfg,
+                         *, leading=None):
+    """The checks shared by every policy-loss entry point; ``leading`` (default: logits' shape without V)
+    is the token shape ``[B, T]`` or ``[N]``, ``logits`` the tensor whose device the others must share."""
+    leading = tuple(logits.shape[:-1]) if leading is None else tuple(leading)
     batch = leading[0] if len(leading) == 2 else None
     for name, tensor in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs), ("is_weights", is_weights)):
         if tensor is not None:
@@ -109,6 +112,10 @@ def policy_loss(
     check_backend(backend)
     check_logits_targets(logits, targets, ignore_index)
     _check_policy_inputs(logits, targets, old_logprobs, advantages, ref_logprobs, is_weights, normalizer, cfg)
+    if inplace_grad:
+        refuse_shared_storage(logits, targets=targets, old_logprobs=old_logprobs, advantages=advantages, mask=mask,
+                              ref_logprobs=ref_logprobs, is_weights=is_weights,
+                              normalizer=normalizer if isinstance(normalizer, torch.Tensor) else None)
     leading = logits.shape[:-1]
     float_mask = as_float_mask(mask, leading, logits) * (targets != ignore_index)
     params = core_params(cfg.temperature, logit_scale, softcap, ignore_index)  # checks them for every backend
@@ -144,6 +151,55 @@ def policy_loss(
 
 
 def _loss_on_rows(logp, entropy, _log_sum_p2, old, adv, mask, ref, is_weights, normalizer, *, cfg, shape):
-    return policy_loss_from_logprobs(
+    return policy_algebra.policy_loss_from_logprobs(
         logp.view(shape), entropy.view(shape), old, adv, mask, ref, is_weights, normalizer, cfg
+    )
+
+
+def policy_loss_from_logprobs(
+    logp: torch.Tensor,
+    entropy: Optional[torch.Tensor],
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    ref_logprobs: Optional[torch.Tensor] = None,
+    is_weights: Optional[torch.Tensor] = None,
+    normalizer: Normalizer = None,
+    config: Optional[PolicyLossConfig] = None,
+    **config_overrides: Union[str, float, None],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``policy_loss`` for callers who already hold per-token log-probs: ``(loss, metrics)``.
+
+    Args:
+        logp: ``[B, T]`` (or ``[N]``: one sequence) float log-probs of the sampled tokens, differentiable.
+        entropy: exact entropy per token, like ``logp``; None only with ``entropy_mode="sampled"``
+            (the bonus then uses -logp).
+        old_logprobs, advantages, mask, ref_logprobs, is_weights, normalizer, config, overrides: as in
+            ``policy_loss``, with the same checks (advantages ``[B, T]`` per token or ``[B]`` per sequence,
+            or ``[B, 1]``, also when B == T; mask None = every token). Masked entries of every input are
+            never read.
+
+    Returns:
+        ``(loss 0-d, metrics)`` in logp's dtype (at least float32); metrics as in ``policy_loss``.
+    """
+    cfg = resolve_config(PolicyLossConfig, config, config_overrides)
+    check_float_tensor("logp", logp)
+    if logp.dim() not in (1, 2):
+        raise ValueError(f"logp: expected shape [B, T] or [N], got {tuple(logp.shape)}")
+    leading = tuple(logp.shape)
+    if entropy is None:
+        if cfg.entropy_mode == "exact":
+            raise ValueError("entropy: required when entropy_mode='exact'; pass it or use entropy_mode='sampled'")
+    else:
+        check_float_tensor("entropy", entropy)
+        check_shape("entropy", entropy, leading, "the shape of logp")
+    check_float_tensor("old_logprobs", old_logprobs)
+    if isinstance(advantages, torch.Tensor) and len(leading) == 2 and tuple(advantages.shape) == (leading[0], 1):
+        advantages = advantages[:, 0]  # [B, 1]: per sequence, as [B]
+    _check_policy_inputs(logp, None, old_logprobs, advantages, ref_logprobs, is_weights, normalizer, cfg,
+                         leading=leading)
+    check_same_device("logp", logp, entropy=entropy)
+    float_mask = as_float_mask(mask, leading, logp).to(torch.promote_types(logp.dtype, torch.float32))
+    return policy_algebra.policy_loss_from_logprobs(
+        logp, entropy, old_logprobs, advantages, float_mask, ref_logprobs, is_weights, normalizer, cfg
     )

@@ -51,7 +51,9 @@ def token_stats(
         log_sum_p2 = log sum_j p_j^2    (the WPO weight's ingredient)
 
     Rows whose target is ``ignore_index`` get logp = 0 and entropy = 0 (no gradient); their lse,
-    mean_x and log_sum_p2 are still those of the row. Differentiable in ``logits`` through every field.
+    mean_x and log_sum_p2 are still those of the row. A row holding NaN, or +inf without softcap, gives
+    NaN logp and entropy; a target at a -inf logit gives logp = -inf. Differentiable in ``logits``
+    through every field.
     """
     check_logits_targets(logits, targets, ignore_index)
     x = transformed_logits(logits, temperature=temperature, logit_scale=logit_scale, softcap=softcap)
@@ -67,6 +69,11 @@ def token_stats(
     finite_log_p = torch.where(p > 0, log_p, torch.zeros_like(log_p))
     finite_x = torch.where(p > 0, x, torch.zeros_like(x))
     entropy = -(p * finite_log_p).sum(dim=-1)
+    # A row holding +inf (after the transform; a softcap bounds it) or NaN has no distribution: NaN
+    # logp and entropy, as on every fused backend (logsumexp alone would give logp = -inf there).
+    undefined = torch.isnan(lse) | (lse == float("inf"))
+    nan = torch.full_like(logp, float("nan"))
+    logp, entropy = torch.where(undefined, nan, logp), torch.where(undefined, nan, entropy)
     zero = torch.zeros_like(logp)
     return CoreStats(
         logp=torch.where(valid, logp, zero),

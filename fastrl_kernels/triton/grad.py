@@ -52,10 +52,10 @@ def _grad_block(z, mask, c, k2, r2, a, b, cap_in, cap_out, dx_dz, NEGATE: tl.con
     ``MASKED`` the lanes outside ``mask`` are dead (p = 0), whatever was loaded there."""
     if HAS_SOFTCAP:
         th, sech2 = softcap_tanh(z * cap_in)
-        d = tl.maximum((cap_out * th - c) * k2 - r2, DEAD_SHIFT)
+        d = tl.maximum((cap_out * th - c) * k2 - r2, DEAD_SHIFT, propagate_nan=tl.PropagateNan.ALL)
     else:
         w = -z if NEGATE else z
-        d = tl.maximum((w - c) * k2 - r2, DEAD_SHIFT)
+        d = tl.maximum((w - c) * k2 - r2, DEAD_SHIFT, propagate_nan=tl.PropagateNan.ALL)
     if MASKED:
         d = tl.where(mask, d, DEAD_SHIFT)
     g = tl.exp2(d) * (a * d + b)
@@ -180,7 +180,7 @@ def _grad_kernel(
     else:
         w_y = -z_y if NEGATE else z_y
         slope_y = dx_dz
-    d_y = tl.maximum((w_y - c) * k2 - r2, DEAD_SHIFT)
+    d_y = tl.maximum((w_y - c) * k2 - r2, DEAD_SHIFT, propagate_nan=tl.PropagateNan.ALL)
     p_y = tl.exp2(d_y)
     g_y = slope_y * (g_lp * (1.0 - p_y) - g_h * p_y * (d_y * LN2 + h))
     tl.store(out_ptr + out_offset + y, g_y.to(out_ty), mask=valid)

@@ -110,7 +110,9 @@ def online_softmax_update(m, s, t, q, w, k2, WITH_SQUARES: tl.constexpr):
     m_new = tl.maximum(m, tl.max(w, axis=1))
     # A row with no live lane yet keeps m' = -inf; shift it by 0 so no -inf - -inf appears.
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    d = tl.maximum((w - m_ref[:, None]) * k2, DEAD_SHIFT)
+    # The clamp keeps NaN (max.NaN, one instruction like max): a NaN logit makes its row's sums NaN,
+    # as on every backend, instead of vanishing as a dead lane.
+    d = tl.maximum((w - m_ref[:, None]) * k2, DEAD_SHIFT, propagate_nan=tl.PropagateNan.ALL)
     e = tl.exp2(d)
     dm = tl.maximum((m - m_ref) * k2, DEAD_SHIFT)
     a = tl.exp2(dm)
