@@ -8,6 +8,8 @@
    all configured ones).
 4. The score per module and every surviving mutant (file:line in the snapshot, and its diff) are
    printed and written to ``mutants/mutation-report.md``.
+A stopped run (Ctrl-C, end of the day) keeps its results in ``mutants/``; ``--resume`` continues it where
+it stopped, with the same snapshot and tests (mutmut skips the mutants that already have a verdict).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import ast
 import difflib
 import fnmatch
 import io
+import json
 import os
 import re
 import shlex
@@ -38,6 +41,7 @@ OUT = ROOT / "mutants"
 SNAPSHOT = OUT / "snapshot"
 REPORT = OUT / "mutation-report.md"
 TIMES = OUT / "mutant-times.txt"
+RUN_STATE = OUT / "run.json"  # what --resume needs: the snapshot's description, deselected tests, modules
 SNAPSHOT_PATHS = ("fastrl_kernels", "tests", "csrc", "pyproject.toml")
 
 
@@ -200,8 +204,17 @@ def main() -> int:
     parser.add_argument("modules", nargs="*", help="files or folders among the mutated ones (default: all)")
     parser.add_argument("--rev", help="measure this commit instead of the working tree")
     parser.add_argument("--workers", type=int, default=1, help="mutants tested at once (default 1)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the stopped run in mutants/ (its snapshot, tests and results kept)")
     args = parser.parse_args()
-    measured = take_snapshot(args.rev)
+    if args.resume:
+        if not RUN_STATE.exists():
+            sys.exit("mutation: no stopped run to resume in mutants/ (start one without --resume)")
+        state = json.loads(RUN_STATE.read_text())
+        measured, deselected = state["measured"], state["deselected"]
+        args.modules = args.modules or state["modules"]
+    else:
+        measured = take_snapshot(args.rev)
     config = mutmut_config()
     files = select_files(args.modules, config)
     skipped = [f for f in files if not has_functions(f)]
@@ -215,11 +228,14 @@ def main() -> int:
     # of their own keeps those from rebuilding over (and being rebuilt by) the checkout's build.
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastrl_kernels" / "mutation"
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(cache / "snapshot"))
-    seconds = {}
-    start = time.monotonic()
-    print(f"Running the selected tests on the unmodified code ({measured})...", flush=True)
-    deselected = failing_tests(config, env)
-    seconds["baseline"] = time.monotonic() - start
+    seconds = {"baseline": 0.0}
+    if not args.resume:
+        start = time.monotonic()
+        print(f"Running the selected tests on the unmodified code ({measured})...", flush=True)
+        deselected = failing_tests(config, env)
+        seconds["baseline"] = time.monotonic() - start
+        RUN_STATE.write_text(json.dumps({"measured": measured, "deselected": deselected,
+                                         "modules": [str(f) for f in files]}))
     if deselected:
         print("Deselected, as they fail on the unmodified code:", " ".join(deselected[1::2]))
 
