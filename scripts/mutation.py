@@ -201,7 +201,8 @@ def report(files: list[Path], deselected: list[str], seconds: dict, measured: st
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("modules", nargs="*", help="files or folders among the mutated ones (default: all)")
+    parser.add_argument("modules", nargs="*",
+                        help="files or folders among the mutated ones (default: all), or mutant names")
     parser.add_argument("--rev", help="measure this commit instead of the working tree")
     parser.add_argument("--workers", type=int, default=1, help="mutants tested at once (default 1)")
     parser.add_argument("--resume", action="store_true",
@@ -216,7 +217,13 @@ def main() -> int:
     else:
         measured = take_snapshot(args.rev)
     config = mutmut_config()
-    files = select_files(args.modules, config)
+    # Mutant names (<module>.x_<function>__mutmut_<n>) rerun just those mutants, e.g. the survivors of a
+    # report against newer tests; other arguments name files or folders.
+    names = [a for a in args.modules if "__mutmut_" in a]
+    paths = [a for a in args.modules if "__mutmut_" not in a]
+    if names:
+        paths += sorted({name.split(".x")[0].replace(".", "/") + ".py" for name in names})
+    files = select_files(paths, config)
     skipped = [f for f in files if not has_functions(f)]
     files = [f for f in files if f not in skipped]
     if skipped:
@@ -246,7 +253,7 @@ def main() -> int:
     env.update(PYTEST_ADDOPTS=addopts.strip(), PYTHONPATH=pythonpath, FASTRL_MUTATION_TIMES=str(TIMES))
     env.update(TORCH_EXTENSIONS_DIR=str(cache / "mutants"))
     # Mutant names are <module>.x_<function>__mutmut_<n> or <module>.xǁ<Class>ǁ<method>__mutmut_<n>.
-    patterns = [f"{module_name(f)}.x*" for f in files]
+    patterns = names or [f"{module_name(f)}.x*" for f in files]
     mutmut = Path(sys.executable).with_name("mutmut")
     start = time.monotonic()
     run = subprocess.run([str(mutmut), "run", "--max-children", str(args.workers), *patterns], cwd=SNAPSHOT, env=env)
