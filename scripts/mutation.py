@@ -49,17 +49,32 @@ def git(*args: str, text: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=text)
 
 
-def take_snapshot(rev: str | None) -> str:
-    """Copies the measured tree into SNAPSHOT; returns its description (commit, and whether edited)."""
+def take_snapshot(rev: str | None, source_rev: str | None = None) -> str:
+    """Copies the measured tree into SNAPSHOT; returns its description (commit, and whether edited).
+    With ``source_rev`` the package and csrc/ come from that commit, the tests from the measured tree."""
+    described = _copy_tree(rev)
+    if source_rev is not None:
+        for name in ("fastrl_kernels", "csrc"):
+            shutil.rmtree(SNAPSHOT / name)
+        _extract(source_rev, ("fastrl_kernels", "csrc"))
+        described = f"source of {git('rev-parse', '--short', source_rev).stdout.strip()}, tests of {described}"
+    return described
+
+
+def _extract(rev: str, paths) -> None:
+    archive = git("archive", "--format=tar", rev, *paths, text=False)
+    if archive.returncode:
+        sys.exit(f"mutation: git archive {rev} failed: {archive.stderr.decode()}")
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        # The "tar" filter (Python >= 3.10.12) keeps links inside the destination.
+        tar.extractall(SNAPSHOT, **({"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}))
+
+
+def _copy_tree(rev: str | None) -> str:
     shutil.rmtree(OUT, ignore_errors=True)
     SNAPSHOT.mkdir(parents=True)
     if rev is not None:
-        archive = git("archive", "--format=tar", rev, *SNAPSHOT_PATHS, text=False)
-        if archive.returncode:
-            sys.exit(f"mutation: git archive {rev} failed: {archive.stderr.decode()}")
-        with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
-            # The "tar" filter (Python >= 3.10.12) keeps links inside the destination.
-            tar.extractall(SNAPSHOT, **({"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}))
+        _extract(rev, SNAPSHOT_PATHS)
         return git("rev-parse", "--short", rev).stdout.strip()
     described = git("rev-parse", "--short", "HEAD").stdout.strip()
     if git("diff", "--quiet", "HEAD", "--", *SNAPSHOT_PATHS).returncode:
@@ -204,6 +219,7 @@ def main() -> int:
     parser.add_argument("modules", nargs="*",
                         help="files or folders among the mutated ones (default: all), or mutant names")
     parser.add_argument("--rev", help="measure this commit instead of the working tree")
+    parser.add_argument("--source-rev", help="the package and csrc/ of this commit, the tests of the tree (or --rev)")
     parser.add_argument("--workers", type=int, default=1, help="mutants tested at once (default 1)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the stopped run in mutants/ (its snapshot, tests and results kept)")
@@ -215,7 +231,7 @@ def main() -> int:
         measured, deselected = state["measured"], state["deselected"]
         args.modules = args.modules or state["modules"]
     else:
-        measured = take_snapshot(args.rev)
+        measured = take_snapshot(args.rev, args.source_rev)
     config = mutmut_config()
     # Mutant names (<module>.x_<function>__mutmut_<n>) rerun just those mutants, e.g. the survivors of a
     # report against newer tests; other arguments name files or folders.
