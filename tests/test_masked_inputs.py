@@ -211,3 +211,43 @@ def test_from_logprobs_sampled_entropy_needs_no_entropy():
     with_h, _ = fk.policy_loss_from_logprobs(logp, -logp, batch["old_logprobs"], batch["advantages"],
                                              batch["mask"], entropy_mode="exact", entropy_coef=0.1)
     assert torch.equal(loss, with_h)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("use_weighting", [False, True])
+def test_fused_dpo_ignores_any_logits_at_masked_positions(backend, use_weighting):
+    """Padding tokens of a DPO batch may hold any logits (NaN included): loss and gradient unchanged."""
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(4, 6, 30, generator=g)
+    targets = torch.randint(0, 30, (4, 6), generator=g)
+    mask = torch.rand(4, 6, generator=g) > 0.3
+    mask[:, 0] = True
+    results = []
+    for z in (logits, logits.masked_fill(~mask[..., None], math.nan)):
+        leaf = z.clone().requires_grad_(True)
+        out = fk.fused_dpo_loss(leaf, targets, mask, torch.zeros(2), torch.zeros(2), backend=backend,
+                                use_weighting=use_weighting)
+        (grad,) = torch.autograd.grad(out.loss, leaf)
+        results.append((out.loss.detach(), grad.masked_fill(~mask[..., None], 0.0), grad[~mask]))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+    assert bool((results[1][2] == 0).all())
+
+
+def test_reference_dpo_without_smoothing_has_a_zero_loss_at_an_impossible_rejected_answer():
+    """-log sigmoid(h) -> 0 as h -> +inf (rejected log-prob -inf); no 0 * log sigmoid(-inf) = NaN."""
+    from fastrl_kernels.reference.dpo import dpo_loss as reference_dpo_loss
+
+    zero = torch.zeros(1, dtype=torch.float64)
+    losses = reference_dpo_loss(zero, torch.full((1,), -math.inf, dtype=torch.float64), zero, zero)[0]
+    assert torch.equal(losses, torch.zeros_like(losses))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_type", ["clip", "gspo"])
+def test_policy_loss_ignores_any_logits_at_masked_positions(backend, loss_type):
+    batch = _batch(8)
+    clean = _run("logits", backend, batch, loss_type)
+    dirty = _run("logits", backend, dict(batch, logits=batch["logits"].masked_fill(~batch["mask"][..., None],
+                                                                                   math.nan)), loss_type)
+    _assert_same(clean, dirty, "NaN logits at masked tokens")

@@ -64,7 +64,9 @@ def f_divergence_scores(logratios: torch.Tensor, f_divergence: str = "reverse_kl
 
 
 def _smoothed_sigmoid(h: torch.Tensor, ls: float) -> torch.Tensor:
-    return -(1.0 - ls) * F.logsigmoid(h) - ls * F.logsigmoid(-h)
+    # Without smoothing the second term is absent, not 0 * log sigmoid(-h) (NaN at h = +inf).
+    loss = -(1.0 - ls) * F.logsigmoid(h)
+    return loss - ls * F.logsigmoid(-h) if ls != 0 else loss
 
 
 def _sigmoid(t: dict) -> torch.Tensor:
@@ -274,11 +276,15 @@ def sequence_logprobs(
     """
     from .logprobs import token_logprobs
 
-    logp, _ = token_logprobs(logits.double(), targets, temperature=temperature, logit_scale=logit_scale,
-                             softcap=softcap, ignore_index=ignore_index)
     m = _response_mask(targets, mask, ignore_index)
+    # Logits of non-response tokens may hold anything (NaN included): they are replaced before any
+    # arithmetic, so neither the value nor autograd's backward (0 * NaN) ever sees them.
+    logits = torch.where(m[..., None] > 0, logits.double(), 0.0)
+    logp, _ = token_logprobs(logits, targets, temperature=temperature, logit_scale=logit_scale,
+                             softcap=softcap, ignore_index=ignore_index)
     w = m if ld_alpha is None else ld_token_weights(m, ld_alpha)
-    total = (logp.double() * w).sum(dim=1)
+    # where, not a product: a masked token's logits may hold anything (NaN included), and 0 * NaN = NaN.
+    total = torch.where(w != 0, logp.double() * w, 0.0).sum(dim=1)
     if average:
         total = total / m.sum(dim=1).clamp(min=1.0)
     return total
@@ -310,5 +316,5 @@ def wpo_weights(
         stats = token_stats(logits, targets, temperature=temperature, logit_scale=logit_scale,
                             softcap=softcap, ignore_index=ignore_index)
         m = _response_mask(targets, mask, ignore_index)
-        mean = ((stats.logp - stats.log_sum_p2) * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+        mean = torch.where(m > 0, stats.logp - stats.log_sum_p2, 0.0).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
         return torch.exp(mean)

@@ -243,6 +243,10 @@ def policy_loss(
     ``policy_loss_from_logprobs`` (same arguments).
     """
     cfg = resolve_config(PolicyLossConfig, config, config_overrides)
+    keep = _float_mask(mask, targets.to(torch.float64)) * (targets != ignore_index).to(torch.float64)
+    # Logits of masked tokens may hold anything (NaN included): replaced before any arithmetic, so
+    # neither the value nor autograd's backward (0 * NaN) ever sees them.
+    logits = torch.where(keep[..., None] > 0, logits.to(torch.float64), 0.0)
     logp, entropy = token_logprobs(
         logits,
         targets,
