@@ -18,9 +18,11 @@ from fastrl_kernels.reference import dpo as dpo_ref
 from fastrl_kernels.testing import assert_close_to_reference, coefficient_scale, policy_configs
 from fastrl_kernels.testing.strategies import masks, seeds, vocab_sizes
 from tests.backends_under_test import cpu_fused_backends
+from tests.conftest import examples
 from tests.test_dpo_loss import LOG_RATIO_SPREAD
 from tests.test_dpo_loss import _check_outputs as check_dpo_outputs
 from tests.test_dpo_loss import _expected as dpo_expected
+from tests.test_dpo_loss import configs as dpo_configs
 
 BACKENDS = cpu_fused_backends()
 SEPARABLE = ("clip", "cispo", "sapo")
@@ -145,7 +147,7 @@ def _check_token_logprobs(hidden, weight, bias, targets, backend="torch", chunk=
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@settings(max_examples=20)
+@settings(max_examples=examples(500))
 @given(rows=st.integers(1, 40), hidden_size=HIDDEN_SIZES, vocab=vocab_sizes(400, min_vocab=2), seed=seeds(),
        chunk=st.integers(1, 45), with_bias=st.booleans(), data=st.data())
 def test_token_logprobs_match_reference(backend, rows, hidden_size, vocab, seed, chunk, with_bias, data):
@@ -254,10 +256,11 @@ def _check_policy(hidden, weight, bias, inputs, config, chunk, backend="torch", 
     return out
 
 
-@settings(max_examples=30)
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=examples(500))
 @given(data=st.data())
-def test_policy_loss_matches_reference_every_option(data):
-    _check_policy(*_policy_case(data))
+def test_policy_loss_matches_reference_every_option(backend, data):
+    _check_policy(*_policy_case(data), backend=backend)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -465,6 +468,17 @@ def test_dpo_temperature_and_ignore_index_match_reference(backend, ignore_index)
     # V = 2100: two blocks of the native kernel.
     config = fk.DPOConfig(loss_type=("sigmoid", "apo_zero"), beta=0.3, use_weighting=True)
     _check_dpo(backend, config, chunk=6, temperature=0.7, ignore_index=ignore_index, vocab=2100, seed=35)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=examples(500))
+@given(config=dpo_configs, seed=seeds(), vocab=vocab_sizes(300, min_vocab=2), chunk=st.integers(1, 30),
+       average=st.booleans(), ld_alpha=st.sampled_from([None, 0.0, 0.5]), weighting=st.booleans(),
+       temperature=st.sampled_from([1.0, 0.7, 1.6]), ignore_index=st.sampled_from([-100, -1]))
+def test_dpo_matches_reference_every_option(backend, config, seed, vocab, chunk, average, ld_alpha, weighting,
+                                            temperature, ignore_index):
+    config = config.with_overrides(average_logps=average, ld_alpha=ld_alpha, use_weighting=weighting)
+    _check_dpo(backend, config, chunk, temperature, ignore_index, vocab, seed)
 
 
 def test_reference_backend_gives_hand_values():

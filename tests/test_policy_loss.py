@@ -31,6 +31,7 @@ from fastrl_kernels.testing import (
 )
 from fastrl_kernels.torch_backend import rows_per_chunk
 from tests.backends_under_test import cpu_fused_backends
+from tests.conftest import examples
 
 BACKENDS = cpu_fused_backends()
 AGG_NAMES = LOSS_AGG_MODES + tuple(LOSS_AGG_ALIASES)
@@ -318,6 +319,7 @@ def test_clip_fraction_bounds_are_exact_away_from_the_boundary_and_widen_next_to
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=examples(500))
 @given(inputs=policy_inputs(**SPREAD), config=policy_configs())
 def test_fp32_matches_reference_for_every_option(backend, inputs, config):
     expected = _reference(inputs, config)
@@ -326,7 +328,7 @@ def test_fp32_matches_reference_for_every_option(backend, inputs, config):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@settings(max_examples=15)
+@settings(max_examples=examples(100))
 @given(inputs=policy_inputs(dtypes=(torch.bfloat16,), **SPREAD),
        config=policy_configs(loss_types=("clip", "cispo", "sapo")))
 def test_bf16_logits_match_reference_on_rounded_inputs(backend, inputs, config):
@@ -336,7 +338,7 @@ def test_bf16_logits_match_reference_on_rounded_inputs(backend, inputs, config):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@settings(max_examples=10)
+@settings(max_examples=examples(100))
 @given(inputs=policy_inputs(**SPREAD), config=policy_configs(),
        normalizer=st.sampled_from((None, 7.0, 0.5, 64))
        | st.floats(0.5, 100.0).map(lambda x: torch.tensor(x, dtype=torch.float32)))
@@ -637,7 +639,7 @@ def logprob_cases(draw):
     return case
 
 
-@settings(max_examples=40)
+@settings(max_examples=examples(200))
 @given(case=logprob_cases(), config=policy_configs(),
        extra=st.fixed_dictionaries({}, optional={"normalizer": st.sampled_from((3.0, 0.5)), "is_weights": st.just(0)}))
 def test_from_logprobs_matches_reference_for_every_option(case, config, extra):

@@ -10,6 +10,7 @@ import fastrl_kernels as fk
 from fastrl_kernels import reference, torch_backend
 from fastrl_kernels.testing import assert_close_to_reference, core_inputs, make_logits
 from tests.backends_under_test import cpu_fused_backends
+from tests.conftest import examples
 
 BACKENDS = cpu_fused_backends()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -63,13 +64,14 @@ def _inputs(rows, vocab, seed, dtype=torch.float32, kind="normal", ignore_index=
 # Property tests: logits with spread, every transform option, -100 and a custom ignore_index.
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=examples(500))
 @given(inputs=core_inputs(max_rows=48, max_vocab=3000, ignore_indices=(-100, -1)), with_entropy=st.booleans())
 def test_fp32_matches_reference(backend, inputs, with_entropy):
     _check_against_reference(backend, inputs, with_entropy=with_entropy)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@settings(max_examples=15)
+@settings(max_examples=examples(100))
 @given(inputs=core_inputs(max_rows=32, max_vocab=2000, dtypes=(torch.bfloat16, torch.float16),
                           kinds=("normal", "peaked", "all_negative"), ignore_indices=(-100, -1)))
 def test_half_precision_matches_reference_on_rounded_inputs(backend, inputs):
