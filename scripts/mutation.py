@@ -194,7 +194,8 @@ def report(files: list[Path], deselected: list[str], seconds: dict, measured: st
         )
         for mutant, code in data.exit_code_by_key.items():
             status = status_by_exit_code[code]
-            if status not in ("killed", "timeout"):
+            # "not checked": outside this run (other modules' mutants, or the unnamed ones of a module).
+            if status not in ("killed", "timeout", "not checked"):
                 survivors.append((path, mutant, status))
     total = sum(totals.values())
     lines.append(
@@ -202,7 +203,7 @@ def report(files: list[Path], deselected: list[str], seconds: dict, measured: st
         f" {total - sum(totals[s] for s in ('killed', 'survived', 'timeout', 'no tests'))} |"
         f" {totals['killed'] / max(total, 1):.1%} | |"
     )
-    lines += ["", f"## Surviving mutants ({len(survivors)}, with the no-tests and unfinished ones)", ""]
+    lines += ["", f"## Surviving mutants ({len(survivors)}, with the no-tests and suspicious ones)", ""]
     for path, mutant, status in survivors:
         line, diff = first_changed_line(path, mutant)
         lines.append(f"- {path}:{line} `{mutant}` ({status})")
