@@ -368,7 +368,7 @@ def test_loss_inputs_stay_constants_like_on_the_logits_path():
         fk.linear_policy_loss(hidden, detached, targets, old, adv, bias=bias, chunk_size=3, backend="torch",
                               loss_type=loss_type).loss.backward()
         assert torch.equal(w.grad, detached.grad)
-        logits = torch.addmm(bias, hidden.view(10, 8), weight.t()).view(2, 5, -1)
+        logits = torch.addmm(bias, hidden.view(10, 8), weight.t()).view(2, 5, -1).requires_grad_(True)
         expected_adv = adv.clone().requires_grad_(True)
         fk.policy_loss(logits, targets, old, expected_adv, backend="torch", loss_type=loss_type).loss.backward()
         assert expected_adv.grad is None
