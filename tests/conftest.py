@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 
 # Triton's interpreter must be chosen before triton is first imported; without a GPU it is the only
@@ -47,3 +48,15 @@ def examples(n: int) -> int:
     if PROFILE == "deep":
         return DEEP_SCALE * n
     return min(n, settings.get_profile(PROFILE).max_examples)
+
+
+@pytest.fixture
+def float64_default():
+    """Runs a test under torch.set_default_dtype(torch.float64) (users do change it): results and
+    output dtypes must not depend on the default dtype."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

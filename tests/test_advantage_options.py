@@ -35,15 +35,6 @@ def _reward_to_go(rewards, mask):
     return out
 
 
-@pytest.fixture
-def default_dtype_float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
 
 # --- gae ---------------------------------------------------------------------------------------
 
@@ -131,7 +122,7 @@ def test_gae_ops_is_float32_for_float64_inputs(whiten):
 @pytest.mark.parametrize("whiten", [False, True])
 @pytest.mark.parametrize("with_mask", [False, True])
 @pytest.mark.parametrize("gae", GAES)
-def test_gae_is_independent_of_the_default_dtype(gae, with_mask, whiten, default_dtype_float64):
+def test_gae_is_independent_of_the_default_dtype(gae, with_mask, whiten, float64_default):
     rewards, values, mask = _gae_inputs()
     mask = mask if with_mask else None
     rewards, values = rewards.float(), values.float()
@@ -327,7 +318,7 @@ def test_value_loss_ops_is_float32_when_any_input_is_another_dtype(which, dtype)
 
 
 @pytest.mark.parametrize("fn", VALUE_LOSSES)
-def test_value_loss_is_independent_of_the_default_dtype(fn, default_dtype_float64):
+def test_value_loss_is_independent_of_the_default_dtype(fn, float64_default):
     values, old, returns, mask = _value_inputs()
     got = fn(values, old, returns, mask, clip=0.3, loss_agg="seq-mean-token-mean")
     torch.set_default_dtype(torch.float32)

@@ -347,15 +347,6 @@ def test_wpo_weights_follow_the_token_log_probs_dtype():
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
 
 
-@pytest.fixture
-def float64_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
 
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64])
 def test_wpo_weights_ignore_the_default_dtype(float64_default, mask_dtype):

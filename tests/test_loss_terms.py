@@ -248,15 +248,6 @@ def test_float64_logprobs_give_float64_loss_and_metrics(loss_type):
         torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.fixture
-def float64_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
 
 @pytest.fixture
 def meta_default_device():

@@ -141,15 +141,6 @@ def test_grad_into_out_and_in_place(dtype):
     _assert_identical(in_place, fresh)
 
 
-@pytest.fixture
-def float64_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("transform", ["plain", "softcap"])
