@@ -163,3 +163,26 @@ def test_double_backward_is_refused(op):
         torch.autograd.grad(loss, leaves, create_graph=True)
     # A plain backward of the same graph still works.
     assert all(bool(torch.isfinite(gr).all()) for gr in torch.autograd.grad(loss, leaves))
+
+
+# No-grad inputs and NaN logits at masked tokens
+
+
+def test_inputs_without_gradient_stay_constants_when_they_require_grad():
+    batch = _on_device(_batch(3))
+    clean = _run("logits", "triton", batch, "clip")
+    live = dict(batch, **{k: batch[k].clone().requires_grad_(True) for k in FIELDS})
+    leaf = batch["logits"].clone().requires_grad_(True)
+    out = fk.policy_loss(leaf, batch["targets"], mask=batch["mask"], backend="triton", loss_type="clip",
+                         **{k: live[k] for k in FIELDS}, kl_coef=0.05, entropy_coef=0.01, dual_clip=3.0)
+    out.loss.backward()
+    for field in FIELDS:
+        assert live[field].grad is None, f"{field} received a gradient"
+    assert torch.equal(leaf.grad, clean[1][0])
+
+
+def test_nan_logits_at_masked_tokens_are_ignored():
+    batch = _on_device(_batch(8))
+    clean = _run("logits", "triton", batch, "clip")
+    poisoned = dict(batch, logits=batch["logits"].masked_fill(~batch["mask"][..., None], float("nan")))
+    _assert_same(clean, _run("logits", "triton", poisoned, "clip"), "NaN logits at masked tokens")
