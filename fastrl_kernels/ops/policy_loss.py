@@ -38,7 +38,7 @@ def _batch_shape(leading: torch.Size) -> tuple[int, int]:
 
 
 def _check_policy_inputs(logits, targets, old_logprobs, advantages, ref_logprobs, is_weights, normalizer, cfg,
-                         *, leading=None):
+                         *, leading=None, name="logits"):
     """The checks shared by every policy-loss entry point; ``leading`` (default: logits' shape without V)
     is the token shape ``[B, T]`` or ``[N]``, ``logits`` the tensor whose device the others must share."""
     leading = tuple(logits.shape[:-1]) if leading is None else tuple(leading)
@@ -55,7 +55,7 @@ def _check_policy_inputs(logits, targets, old_logprobs, advantages, ref_logprobs
         if tuple(advantages.shape) != leading:
             raise ValueError(f"advantages: expected shape {expected}, got {tuple(advantages.shape)}")
     check_same_device(
-        "logits", logits, old_logprobs=old_logprobs, advantages=advantages, ref_logprobs=ref_logprobs,
+        name, logits, old_logprobs=old_logprobs, advantages=advantages, ref_logprobs=ref_logprobs,
         is_weights=is_weights, normalizer=normalizer if isinstance(normalizer, torch.Tensor) else None,
     )
     if cfg.kl_coef != 0.0 and ref_logprobs is None:
@@ -197,7 +197,7 @@ def policy_loss_from_logprobs(
     if isinstance(advantages, torch.Tensor) and len(leading) == 2 and tuple(advantages.shape) == (leading[0], 1):
         advantages = advantages[:, 0]  # [B, 1]: per sequence, as [B]
     _check_policy_inputs(logp, None, old_logprobs, advantages, ref_logprobs, is_weights, normalizer, cfg,
-                         leading=leading)
+                         leading=leading, name="logp")
     check_same_device("logp", logp, entropy=entropy)
     float_mask = as_float_mask(mask, leading, logp).to(torch.promote_types(logp.dtype, torch.float32))
     return policy_algebra.policy_loss_from_logprobs(
