@@ -60,3 +60,14 @@ def float64_default():
         yield
     finally:
         torch.set_default_dtype(previous)
+
+
+@pytest.fixture
+def meta_default_device():
+    """Runs a test under torch.set_default_device("meta"): every buffer an op makes must follow its
+    inputs' device (a stand-in, on a CPU machine, for a CUDA default device)."""
+    torch.set_default_device("meta")
+    try:
+        yield
+    finally:
+        torch.set_default_device(None)

@@ -249,14 +249,6 @@ def test_float64_logprobs_give_float64_loss_and_metrics(loss_type):
 
 
 
-@pytest.fixture
-def meta_default_device():
-    torch.set_default_device("meta")
-    try:
-        yield
-    finally:
-        torch.set_default_device(None)
-
 
 def _results(case, config, with_ref):
     logp = case["logp"].clone().requires_grad_(True)

@@ -157,14 +157,6 @@ def test_float64_default_dtype_changes_nothing(transform, dtype, float64_default
     _assert_identical(grad, want_grad)
 
 
-@pytest.fixture
-def meta_default_device():
-    torch.set_default_device("meta")
-    try:
-        yield
-    finally:
-        torch.set_default_device(None)
-
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("transform", ["plain", "softcap"])
