@@ -93,6 +93,12 @@ def test_garbage_in_every_field_at_once_is_ignored(seed, backend, loss_type, pat
         batch["advantages"] = batch["advantages"][:, 0].clone()
         batch["mask"][-1] = False  # the last sequence is all padding
     clean = _run(path, backend, batch, loss_type)
+    _assert_same(clean, _run(path, backend, padded_with(batch, garbage, per_sequence), loss_type), str(garbage))
+
+
+def padded_with(batch: dict, garbage: dict, per_sequence: bool) -> dict:
+    """``batch`` with ``garbage[field]`` at every masked position of each field (per-sequence
+    advantages: in the last, fully masked sequence)."""
     dirty = dict(batch)
     for field, value in garbage.items():
         if field == "advantages" and per_sequence:
@@ -100,7 +106,7 @@ def test_garbage_in_every_field_at_once_is_ignored(seed, backend, loss_type, pat
             dirty[field][-1] = value
         else:
             dirty[field] = batch[field].masked_fill(~batch["mask"], value)
-    _assert_same(clean, _run(path, backend, dirty, loss_type), str(garbage))
+    return dirty
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

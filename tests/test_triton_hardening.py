@@ -20,7 +20,7 @@ import fastrl_kernels as fk
 from fastrl_kernels.testing.strategies import seeds
 from tests.conftest import examples
 from tests.test_autograd_safety import _policy_batch
-from tests.test_masked_inputs import FIELDS, GARBAGE, LOSS_TYPES, _assert_same, _batch, _run
+from tests.test_masked_inputs import FIELDS, GARBAGE, LOSS_TYPES, _assert_same, _batch, _run, padded_with
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 pytestmark = [pytest.mark.triton, pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")]
@@ -58,14 +58,7 @@ def test_garbage_drawn_per_field_is_ignored(seed, loss_type, garbage, per_sequen
         batch["mask"][-1] = False
     batch = _on_device(batch)
     clean = _run("logits", "triton", batch, loss_type)
-    dirty = dict(batch)
-    for field, value in garbage.items():
-        if field == "advantages" and per_sequence:
-            dirty[field] = batch[field].clone()
-            dirty[field][-1] = value
-        else:
-            dirty[field] = batch[field].masked_fill(~batch["mask"], value)
-    _assert_same(clean, _run("logits", "triton", dirty, loss_type), str(garbage))
+    _assert_same(clean, _run("logits", "triton", padded_with(batch, garbage, per_sequence), loss_type), str(garbage))
 
 
 # inplace_grad: inputs sharing the logits' memory, and the version counter
