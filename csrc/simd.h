@@ -1,8 +1,8 @@
 // A minimal SIMD layer for the row kernels: one struct per instruction set, the same operation names.
 //
-// The build picks one struct at compile time (`Simd`): AVX2+FMA+F16C when the compiler targets them
-// (the loader passes -mavx2 -mfma -mf16c only on a CPU that has them and caches that build under its
-// own name), otherwise plain scalar code. exp and tanh are written once, on top of these operations.
+// The build picks one struct at compile time (`Simd`): AVX-512F when the compiler targets it (on top of
+// AVX2+FMA+F16C), else AVX2+FMA+F16C, else plain scalar code. The loader passes the -m flags only on a
+// CPU that has them and caches each build under its own name. exp and tanh are written once, on top of these operations.
 //
 // NaN convention of max/min: `max(a, b)` returns b when either is NaN (as the x86 instructions do), so
 // `max(constant, x)` lets a NaN in x through.
@@ -179,6 +179,85 @@ struct Avx2Simd {
     return _mm256_cmp_ps(iota, _mm256_set1_ps(static_cast<float>(k)), _CMP_LT_OQ);
   }
 };
+#endif
+
+#if defined(FASTRL_NATIVE_AVX2) && defined(__AVX512F__)
+#define FASTRL_NATIVE_AVX512 1
+// Sixteen lanes, masks in k registers. Only AVX-512F instructions: the build asks for -mavx512f alone.
+struct Avx512Simd {
+  using V = __m512;
+  using M = __mmask16;
+  static constexpr int W = 16;
+  static constexpr const char* name = "avx512";
+
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V div(V a, V b) { return _mm512_div_ps(a, b); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  // vmaxps/vminps: the second operand when either is NaN, as in the AVX2 build.
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V min(V a, V b) { return _mm512_min_ps(a, b); }
+  static V abs(V a) { return _mm512_castsi512_ps(_mm512_and_epi32(_mm512_castps_si512(a), _mm512_set1_epi32(0x7FFFFFFF))); }
+  static V copysign(V mag, V sign) {
+    const __m512i s = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+    return _mm512_castsi512_ps(_mm512_or_epi32(_mm512_andnot_epi32(s, _mm512_castps_si512(mag)),
+                                               _mm512_and_epi32(s, _mm512_castps_si512(sign))));
+  }
+  static M gt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+  static M eq(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
+  static M not_less(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_NLT_UQ); }
+  static V blend(M m, V if_true, V if_false) { return _mm512_mask_blend_ps(m, if_false, if_true); }
+  static V keep(M m, V a) { return _mm512_maskz_mov_ps(m, a); }
+  static V scale_by_magic(V y, V t) {
+    return _mm512_castsi512_ps(
+        _mm512_add_epi32(_mm512_castps_si512(y), _mm512_slli_epi32(_mm512_castps_si512(t), 23)));
+  }
+  static float hsum(V a) {
+    return Avx2Simd::hsum(_mm256_add_ps(_mm512_castps512_ps256(a),
+                                        _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1))));
+  }
+  static float hmax(V a) {
+    return Avx2Simd::hmax(_mm256_max_ps(_mm512_castps512_ps256(a),
+                                        _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1))));
+  }
+  static float lane0(V a) { return _mm512_cvtss_f32(a); }
+
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V load(const c10::BFloat16* p) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  }
+  static V load(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static void store(float* p, V a) { _mm512_storeu_ps(p, a); }
+  static void store(c10::BFloat16* p, V a) {
+    // Round to nearest even as Avx2Simd::store; the 16-bit results are narrowed with vpmovdw.
+    const __m512i u = _mm512_castps_si512(a);
+    const __m512i odd = _mm512_and_epi32(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  }
+  static void store(c10::Half* p, V a) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT));
+  }
+  template <class T>
+  static V load_partial(const T* p, int64_t k, float pad) {
+    alignas(64) float buf[W];
+    for (int i = 0; i < W; ++i) buf[i] = i < k ? static_cast<float>(p[i]) : pad;
+    return _mm512_load_ps(buf);
+  }
+  template <class T>
+  static void store_partial(T* p, V a, int64_t k) {
+    alignas(64) float buf[W];
+    _mm512_store_ps(buf, a);
+    for (int i = 0; i < k; ++i) p[i] = static_cast<T>(buf[i]);
+  }
+  static M first_lanes(int64_t k) { return k >= W ? M{0xFFFF} : static_cast<M>((1u << k) - 1u); }
+};
+using Simd = Avx512Simd;
+#elif defined(FASTRL_NATIVE_AVX2)
 using Simd = Avx2Simd;
 #else
 using Simd = ScalarSimd;

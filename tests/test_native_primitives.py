@@ -310,28 +310,47 @@ def test_build_command_prints_the_build_directory():
     assert str(native.build_directory()) in result.stdout
 
 
+def test_loaded_build_is_the_detected_instruction_set():
+    # Run under FASTRL_NATIVE_ISA by the per-ISA test below: proves the forced build is the one loaded.
+    assert native.load().isa == native.isa()
+
+
+def test_unknown_forced_instruction_set_is_refused(monkeypatch):
+    monkeypatch.setenv("FASTRL_NATIVE_ISA", "sse9")
+    with pytest.raises(ValueError, match="FASTRL_NATIVE_ISA: expected one of avx512, avx2, generic, got 'sse9'"):
+        native.isa()
+
+
+# The numeric tests of this file, rerun in a subprocess for each build the default run does not load.
+_NUMERIC_TESTS = " or ".join([
+    "loaded_build_is_the_detected", "matches_float64_reference", "several_blocks", "extreme_logits",
+    "uniform_rows", "single_token", "masked_vocabulary", "ignored_rows", "in_place_gradient", "strided_rows",
+])
+
+
+def _supported(isa: str) -> bool:
+    flags = native._cpu_flags()
+    needs = {"generic": set(), "avx2": set(native._AVX2_FLAGS), "avx512": set(native._AVX512_FLAGS)}[isa]
+    return needs <= flags
+
+
 @pytest.mark.slow
-def test_portable_scalar_build_matches_reference():
-    # The build used on CPUs without AVX2/FMA/F16C: a second compile (cached like the first).
-    code = (
-        "import torch\n"
-        "from fastrl_kernels import native\n"
-        "from fastrl_kernels.core import CoreParams\n"
-        "from fastrl_kernels.reference.logprobs import token_stats\n"
-        "assert native.load().isa == 'generic'\n"
-        "z = torch.randn(20, 517) * 3\n"
-        "y = torch.randint(0, 517, (20,))\n"
-        "p = CoreParams(temperature=0.7, softcap=5.0)\n"
-        "s = native.stats(z, y, p)\n"
-        "r = token_stats(z, y, temperature=0.7, softcap=5.0)\n"
-        "torch.testing.assert_close(s.logp.double(), r.logp, rtol=1e-5, atol=1e-6)\n"
-        "torch.testing.assert_close(s.entropy.double(), r.entropy, rtol=1e-5, atol=1e-6)\n"
-        "g = native.grad(z.bfloat16(), y, native.stats(z.bfloat16(), y, p), torch.ones(20), torch.ones(20), p)\n"
-        "assert torch.isfinite(g.float()).all()\n"
-        "print('OK')\n"
+@pytest.mark.parametrize("isa", native.ISAS)
+def test_every_build_the_cpu_runs_matches_reference(isa, monkeypatch):
+    # The default run tests the widest build the CPU has; the narrower ones (the scalar build of CPUs
+    # without AVX2, the AVX2 build of CPUs without AVX-512) get the same numeric tests here.
+    monkeypatch.delenv("FASTRL_NATIVE_ISA", raising=False)
+    if not _supported(isa):
+        pytest.skip(f"this CPU cannot run the {isa} build")
+    if isa == native.isa():
+        pytest.skip(f"{isa} is this CPU's default build, which the rest of this file tests")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", _NUMERIC_TESTS],
+        env={**os.environ, "FASTRL_NATIVE_ISA": isa, "HYPOTHESIS_PROFILE": "dev"},
+        capture_output=True, text=True, timeout=1200,
     )
-    result = _run_python(code, FASTRL_NATIVE_ISA="generic")
-    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
 
 
 def test_large_fresh_gradient_buffer_on_huge_pages_matches_torch_backend():
