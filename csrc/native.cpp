@@ -79,6 +79,12 @@ void dispatch_dtype(at::ScalarType dt, F&& f) {
   }
 }
 
+// The first row in [from, end) that is not ignored (end if none): the rows' sweeps prefetch its start.
+int64_t next_kept(const int64_t* y, int64_t from, int64_t end, int64_t ignore_index) {
+  while (from < end && y[from] == ignore_index) ++from;
+  return from;
+}
+
 int64_t grain_rows(int64_t v) { return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(v, 1)); }
 
 template <class T, bool SOFTCAP, bool WITH_Q>
@@ -94,7 +100,9 @@ void stats_rows(const at::Tensor& logits, const int64_t* y, int64_t ignore_index
         if (WITH_Q) lsp2[i] = 0.0f;
         continue;
       }
-      const RowStatsOut o = row_stats<Simd, SOFTCAP, WITH_Q>(base + i * rs, v, y[i], tr);
+      const int64_t next = next_kept(y, i + 1, end, ignore_index);
+      const RowStatsOut o =
+          row_stats<Simd, SOFTCAP, WITH_Q>(base + i * rs, v, y[i], tr, next < end ? base + next * rs : nullptr);
       logp[i] = o.logp;
       ent[i] = o.entropy;
       lse[i] = o.lse;
@@ -147,14 +155,18 @@ void grad_rows(const at::Tensor& logits, at::Tensor& out, const int64_t* y, int6
   const T* base = logits.data_ptr<T>();
   T* obase = out.data_ptr<T>();
   at::parallel_for(0, n, grain_rows(v), [&](int64_t begin, int64_t end) {
+    ZeroRows zeros;  // this task's ignored rows, written during its kept rows' sweeps
     for (int64_t i = begin; i < end; ++i) {
       T* o = obase + i * os;
       if (y[i] == ignore_index) {
-        row_store_zero(o, v);
+        zeros.push(reinterpret_cast<char*>(o), reinterpret_cast<char*>(o + v));
         continue;
       }
-      row_grad<Simd, SOFTCAP>(base + i * rs, o, v, y[i], lse[i], mean_x[i], g_lp[i], g_h[i], tr);
+      const int64_t next = next_kept(y, i + 1, end, ignore_index);
+      row_grad<Simd, SOFTCAP>(base + i * rs, o, v, y[i], lse[i], mean_x[i], g_lp[i], g_h[i], tr, zeros,
+                              next < end ? base + next * rs : nullptr);
     }
+    zeros.drain();
     store_fence();
   });
 }

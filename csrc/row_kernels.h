@@ -81,7 +81,8 @@ inline float scalar_v(float z, const Transform& tr) {
 }
 
 template <class S, bool SOFTCAP, bool WITH_Q, class T>
-RowSums row_sums(const T* z, int64_t V_, const Transform& tr) {
+// `next`: the row processed after this one (or nullptr); its start is prefetched during the last block.
+RowSums row_sums(const T* z, int64_t V_, const Transform& tr, const T* next = nullptr) {
   using V = typename S::V;
   constexpr int W = S::W;
   const float neg_inf = -std::numeric_limits<float>::infinity();
@@ -93,6 +94,7 @@ RowSums row_sums(const T* z, int64_t V_, const Transform& tr) {
   for (int64_t b0 = 0; b0 < V_; b0 += kBlock) {
     const int64_t b1 = std::min(V_, b0 + kBlock);
     const int64_t full = b0 + (b1 - b0) / W * W;
+    const T* ahead = (b1 < V_ || next == nullptr) ? z + b1 : next;  // what the max sweep reads next
     V mx = S::set1(neg_inf);
     for (int64_t j = b0; j < full; j += W) mx = S::max(mx, S::load(z + j));
     if (full < b1) mx = S::max(mx, S::load_partial(z + full, b1 - full, neg_inf));
@@ -129,7 +131,7 @@ RowSums row_sums(const T* z, int64_t V_, const Transform& tr) {
       for (int u = 0; u < 4; ++u) {
         // The same place of the next block, for its max sweep: memory latency hides behind this
         // block's exp work instead of stalling that sweep (no fault past the row's end).
-        __builtin_prefetch(z + j + u * W + kBlock, 0, 3);
+        __builtin_prefetch(ahead + (j - b0) + u * W, 0, 3);
         const V d = shifted_of(S::load(z + j + u * W));
         accumulate(d, fast_exp_upto88<S>(d), u);
       }
@@ -159,8 +161,8 @@ struct RowStatsOut {
 };
 
 template <class S, bool SOFTCAP, bool WITH_Q, class T>
-RowStatsOut row_stats(const T* z, int64_t V_, int64_t y, const Transform& tr) {
-  const RowSums r = row_sums<S, SOFTCAP, WITH_Q>(z, V_, tr);
+RowStatsOut row_stats(const T* z, int64_t V_, int64_t y, const Transform& tr, const T* next = nullptr) {
+  const RowSums r = row_sums<S, SOFTCAP, WITH_Q>(z, V_, tr, next);
   const double log_s = std::log(r.total_s());
   const double mean_d = r.t / r.total_s();
   const double frame = tr.k * static_cast<double>(r.vmax);
@@ -178,12 +180,102 @@ RowStatsOut row_stats(const T* z, int64_t V_, int64_t y, const Transform& tr) {
   return o;
 }
 
+// Zero gradient rows of ignored tokens. Such a row is never read, so its cache lines are written with
+// non-temporal stores where the build has them: an ordinary store first reads each line from memory
+// (write-allocate), doubling the traffic of a row that carries no information.
+//
+// The rows are queued and written a few lines at a time from inside the sweeps of the kept rows
+// (`step`), not one after the other: a kept row's sweep is compute-bound and leaves memory bandwidth
+// idle, which the zero lines then use, where writing a whole zero row would stall the thread on the
+// write bandwidth alone (4096 x 32000 fp32 in place, 40% of the rows ignored: the zero rows cost
+// ~17 ms written in a row, the measured note is in bench/results/cpu_pass_structure.md). `drain`
+// writes what is left; the owner then issues store_fence() before the results are used.
+class ZeroRows {
+ public:
+  static constexpr int64_t kLine = 64;
+  static constexpr int64_t kLinesPerStep = 2;  // 128 B of zeros per 2W elements swept: measured best of 1, 2, 4, 8
+
+  // Queues the bytes [begin, end); the unaligned head and tail are written at once.
+  void push(char* begin, char* end) {
+    char* a = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(begin) + kLine - 1) & ~uintptr_t{kLine - 1});
+    char* b = reinterpret_cast<char*>(reinterpret_cast<uintptr_t>(end) & ~uintptr_t{kLine - 1});
+    if (a >= b) {
+      std::fill(begin, end, char{0});  // all-zero bits are 0.0 in every float format
+      return;
+    }
+    std::fill(begin, a, char{0});
+    std::fill(b, end, char{0});
+    if (cur_ == end_) {
+      cur_ = a;
+      end_ = b;
+    } else {
+      pending_[count_++] = {a, b};
+      if (count_ == kMaxPending) drain();
+    }
+  }
+
+  // Writes up to kLinesPerStep zero lines of the queue.
+  inline void step() {
+    if (cur_ == end_) return;
+    for (int64_t k = 0; k < kLinesPerStep && cur_ < end_; ++k, cur_ += kLine) stream_line(cur_);
+    if (cur_ == end_) next();
+  }
+
+  void drain() {
+    while (cur_ != end_) {
+      for (; cur_ < end_; cur_ += kLine) stream_line(cur_);
+      next();
+    }
+  }
+
+ private:
+  static constexpr int kMaxPending = 64;
+  struct Range {
+    char* begin;
+    char* end;
+  };
+
+  static inline void stream_line(char* line) {
+#ifdef FASTRL_NATIVE_AVX2
+    const __m256i zero = _mm256_setzero_si256();
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(line), zero);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(line + 32), zero);
+#else
+    std::fill(line, line + kLine, char{0});
+#endif
+  }
+
+  void next() {
+    if (head_ < count_) {
+      cur_ = pending_[head_].begin;
+      end_ = pending_[head_].end;
+      ++head_;
+    } else {
+      cur_ = end_ = nullptr;
+      head_ = count_ = 0;
+    }
+  }
+
+  char* cur_ = nullptr;
+  char* end_ = nullptr;
+  Range pending_[kMaxPending];
+  int head_ = 0;
+  int count_ = 0;
+};
+
+// Orders the non-temporal stores of ZeroRows before later loads and stores of the thread.
+inline void store_fence() {
+#ifdef FASTRL_NATIVE_AVX2
+  _mm_sfence();
+#endif
+}
+
 // Writes dL/dz for one row into o (which may be z itself), given the row's p and E through
 //   p_j = e^{d_j - a},  x_j - E = d_j - b,
 // with d_j = (v_j - frame) k.
 template <class S, bool SOFTCAP, class T>
 void row_grad_sweep(const T* z, T* o, int64_t V_, int64_t y, float frame, float a, float b, float g_lp,
-                    float g_h, const Transform& tr) {
+                    float g_h, const Transform& tr, ZeroRows& zeros, const T* next = nullptr) {
   using V = typename S::V;
   constexpr int W = S::W;
   const V k = S::set1(tr.k_hi);
@@ -212,7 +304,9 @@ void row_grad_sweep(const T* z, T* o, int64_t V_, int64_t y, float frame, float 
   const int64_t full = V_ / W * W;
   int64_t j = 0;
   for (; j + 2 * W <= full; j += 2 * W) {
-    __builtin_prefetch(z + j + kGradPrefetch, 0, 3);
+    const int64_t ahead = j + kGradPrefetch;  // near the row's end: the start of the next row swept
+    __builtin_prefetch(ahead < V_ || next == nullptr ? z + ahead : next + (ahead - V_), 0, 3);
+    zeros.step();
     V f2;
     const V g0 = grad_of(S::load(z + j), factor);
     const V g1 = grad_of(S::load(z + j + W), f2);
@@ -225,33 +319,6 @@ void row_grad_sweep(const T* z, T* o, int64_t V_, int64_t y, float frame, float 
   o[y] = static_cast<T>(g_lp * tr.dxdz * S::lane0(factor) + g_y);
 }
 
-// Zeros one gradient row of an ignored token. The row is never read, so its cache lines are written
-// with non-temporal stores where the build has them: an ordinary store first reads each line from
-// memory (write-allocate), doubling the traffic of a row that carries no information. The caller
-// issues store_fence() before the results are used.
-template <class T>
-void row_store_zero(T* o, int64_t V_) {
-#ifdef FASTRL_NATIVE_AVX2
-  char* p = reinterpret_cast<char*>(o);
-  char* const end = reinterpret_cast<char*>(o + V_);
-  char* aligned = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(p) + 31) & ~uintptr_t{31});
-  if (aligned > end) aligned = end;
-  std::fill(p, aligned, char{0});  // all-zero bits are 0.0 in every float format
-  const __m256i zero = _mm256_setzero_si256();
-  for (; aligned + 32 <= end; aligned += 32) _mm256_stream_si256(reinterpret_cast<__m256i*>(aligned), zero);
-  std::fill(aligned, end, char{0});
-#else
-  std::fill(o, o + V_, static_cast<T>(0.0f));
-#endif
-}
-
-// Orders the non-temporal stores of row_store_zero before later loads and stores of the thread.
-inline void store_fence() {
-#ifdef FASTRL_NATIVE_AVX2
-  _mm_sfence();
-#endif
-}
-
 // Pass 2 from the float64 lse and mean_x of pass 1, taken apart on a frame c (in v units):
 //   c = fp32(lse / k),  a = lse - c k,  b = mean_x - c k,  d_j = (v_j - c) k,
 //   p_j = e^{d_j - a},  x_j - E = d_j - b.
@@ -259,11 +326,11 @@ inline void store_fence() {
 // at |x| = 1e4, where a float32 lse alone would be off by ~5e-4.
 template <class S, bool SOFTCAP, class T>
 void row_grad(const T* z, T* o, int64_t V_, int64_t y, double lse, double mean_x, float g_lp, float g_h,
-              const Transform& tr) {
+              const Transform& tr, ZeroRows& zeros, const T* next = nullptr) {
   const float c = static_cast<float>(lse / tr.k);
   const double frame = static_cast<double>(c) * tr.k;
   row_grad_sweep<S, SOFTCAP>(z, o, V_, y, c, static_cast<float>(lse - frame),
-                                   static_cast<float>(mean_x - frame), g_lp, g_h, tr);
+                                   static_cast<float>(mean_x - frame), g_lp, g_h, tr, zeros, next);
 }
 
 }  // namespace fastrl

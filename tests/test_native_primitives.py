@@ -200,6 +200,52 @@ def test_ignored_rows_are_zero_and_not_read(dtype):
     assert torch.isfinite(grad).all()
 
 
+# Ignored rows are zeroed a few cache lines at a time from inside the kept rows' sweeps (a queue per
+# thread task, csrc/row_kernels.h ZeroRows): runs of ignored rows longer than the queue, rows shorter than
+# a cache line, rows not aligned to one, ignored rows first and last, a task with no kept row at all.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [5, 33, 1000, 4099])
+@pytest.mark.parametrize("pattern", ["alternate", "long_runs", "first_and_last", "all", "random"])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_ignored_rows_zeroed_between_kept_rows(dtype, vocab, pattern, in_place):
+    n = 300
+    g = torch.Generator().manual_seed(vocab)
+    # Rows of an odd stride: no row starts on a cache line boundary but by chance.
+    storage = make_logits("normal", (n, vocab + 3), seed=vocab, dtype=dtype)
+    logits = storage[:, 1:vocab + 1]
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    ignored = {
+        "alternate": torch.arange(n) % 2 == 1,
+        "long_runs": (torch.arange(n) // 90) % 2 == 0,  # 90 ignored rows in a row: more than the queue holds
+        "first_and_last": (torch.arange(n) < 7) | (torch.arange(n) >= n - 7),
+        "all": torch.ones(n, dtype=torch.bool),
+        "random": torch.rand(n, generator=g) < 0.4,
+    }[pattern]
+    targets[ignored] = IGNORE_INDEX
+    params = CoreParams(temperature=0.9)
+    g_lp, g_entropy = _coefficients(n, 3)
+    stats = native.stats(logits, targets, params)
+    _, ref_grad = _reference(logits, targets, params, g_lp, g_entropy)
+    if in_place:
+        out = logits
+    else:
+        padded = torch.full((n, vocab + 5), float("nan"), dtype=dtype)  # bytes not written stay NaN
+        out = padded[:, 2:vocab + 2]
+    result = native.grad(logits, targets, stats, g_lp, g_entropy, params, out=out)
+    assert result.data_ptr() == out.data_ptr()
+    assert torch.equal(result[ignored], torch.zeros(int(ignored.sum()), vocab, dtype=dtype))
+    assert torch.isfinite(result).all()
+    if not bool(ignored.all()):
+        keep = ~ignored
+        assert_close_to_reference(result[keep], ref_grad[keep], dtype=dtype, kind="grad", name="kept rows",
+                                  row_scale=_row_scale(g_lp[keep], g_entropy[keep]))
+    # The padding columns around the rows are never written.
+    if in_place:
+        assert torch.isfinite(storage[:, 0]).all() and torch.isfinite(storage[:, vocab + 1:]).all()
+    else:
+        assert padded[:, :2].isnan().all() and padded[:, vocab + 2:].isnan().all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind,softcap,vocab", [("normal", None, 1001), ("normal", 5.0, 1001), ("huge", None, 1001),
                                                 ("peaked", 30.0, 3001)])
