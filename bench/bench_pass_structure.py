@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 
 import fastrl_kernels as fk
+from fastrl_kernels import native
 from fastrl_kernels.benchmarks.naive import naive_policy_loss
 
 OPTIONS = dict(loss_type="clip", clip_eps_high=0.28, kl_coef=0.04, kl_estimator="k3", entropy_coef=0.01,
@@ -45,6 +47,17 @@ def inputs(n: int, v: int, masked: float, seed: int = 0):
     return logits, targets, old, ref, adv, mask
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="4096x32000")
@@ -53,6 +66,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args(argv)
+    load_average = list(os.getloadavg())  # a busy machine makes every number here slower and noisier
     n, v = (int(x) for x in args.shape.split("x"))
     logits, targets, old, ref, adv, mask = inputs(n, v, 0.0)
     masked = inputs(n, v, 0.4)[5]
@@ -93,15 +107,19 @@ def main(argv=None) -> int:
         "40% masked / unmasked (in place)": medians["masked"] / medians["inplace"],
     }
     meta = {"shape": [n, v], "dtype": "float32", "backend": args.backend, "repeats": args.repeats,
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or "x86_64",
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_model(),
+            "native_isa": native.load().isa if args.backend == "native" else None,
+            "load_average_at_start": load_average,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
             "command": "python bench/bench_pass_structure.py " + " ".join(argv or [])}
     labels = {"token_logprobs": "token_logprobs fwd+bwd", "policy_loss": "policy_loss fwd+bwd",
               "inplace": "policy_loss fwd+bwd, inplace_grad", "masked": "policy_loss fwd+bwd, inplace_grad, 40% masked",
               "naive": "naive eager policy loss fwd+bwd"}
     lines = [f"# Passes over the logits per training step, CPU ({args.backend} backend)", "",
-             f"{n} x {v} fp32, torch {meta['torch']}, {meta['threads']} threads, median of {args.repeats} interleaved "
-             f"runs, {meta['date']}.", "", "| step | median ms |", "|---|---|"]
+             f"{n} x {v} fp32, torch {meta['torch']}, {meta['threads']} threads ({meta['cpu']}"
+             + (f", native {meta['native_isa']} build" if meta["native_isa"] else "")
+             + f"), median of {args.repeats} interleaved runs, {meta['date']}, load average at the start "
+             f"{load_average[0]:.2f}.", "", "| step | median ms |", "|---|---|"]
     lines += [f"| {labels[k]} | {medians[k]:.1f} |" for k in kinds]
     lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {r:.2f} |" for k, r in ratios.items()]
     print("\n".join(lines))
