@@ -221,6 +221,23 @@ def _dpo_inputs():
     return hidden, weight, targets, torch.tensor([-9.0, -8.0]), torch.tensor([-9.5, -7.5])
 
 
+@pytest.mark.parametrize("shape", [(4, 6), (1, 3, 6), (3, 3, 6), (2, 2, 3, 6)])
+def test_dpo_hidden_must_be_pairs_of_sequences(shape):
+    # [2B, T, H] with an even 2B >= 2: a 2-D batch of tokens, a single sequence and an odd count are refused.
+    hidden = torch.randn(shape)
+    weight = torch.randn(25, 6)
+    targets = torch.randint(0, 25, shape[:-1])
+    message = f"hidden: expected shape [2B, T, H] with an even number 2B >= 2 of rows (chosen then rejected), got {shape}"
+    with pytest.raises(ValueError, match=re.escape(message) if len(shape) < 4 else "hidden"):
+        fk.linear_dpo_loss(hidden, weight, targets, None, torch.zeros(1), torch.zeros(1), backend="torch")
+
+
+def test_dpo_bias_of_the_wrong_shape_is_refused_by_name():
+    hidden, weight, targets, ref_c, ref_r = _dpo_inputs()
+    with pytest.raises(ValueError, match="^bias: "):
+        fk.linear_dpo_loss(hidden, weight, targets, None, ref_c, ref_r, bias=torch.zeros(3), backend="torch")
+
+
 @pytest.mark.parametrize("name", ["ref_chosen_logps", "ref_rejected_logps"])
 def test_dpo_reference_logps_of_the_wrong_shape_are_refused_by_name(name):
     hidden, weight, targets, ref_c, ref_r = _dpo_inputs()
