@@ -238,6 +238,23 @@ def test_dpo_bias_of_the_wrong_shape_is_refused_by_name():
         fk.linear_dpo_loss(hidden, weight, targets, None, ref_c, ref_r, bias=torch.zeros(3), backend="torch")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("use_weighting", [False, True])
+def test_dpo_under_no_grad_equals_the_grad_mode_values(backend, use_weighting):
+    # Under torch.no_grad the DPO loss takes the stats-only route (one GEMM per chunk); WPO weights
+    # need log sum p^2 there too.
+    hidden, weight, targets, ref_c, ref_r = _dpo_inputs()
+    kwargs = dict(backend=backend, chunk_size=5, use_weighting=use_weighting, beta=0.3)
+    with_grad = fk.linear_dpo_loss(hidden.clone().requires_grad_(True), weight, targets, None, ref_c, ref_r, **kwargs)
+    with torch.no_grad():
+        without = fk.linear_dpo_loss(hidden, weight, targets, None, ref_c, ref_r, **kwargs)
+    for got, want in zip(without, with_grad):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-7)
+    plain = fk.linear_dpo_loss(hidden, weight, targets, None, ref_c, ref_r, **{**kwargs, "use_weighting": False})
+    if use_weighting:  # the weights are not all 1 on these inputs, so the check above saw them
+        assert not torch.allclose(without.loss, plain.loss)
+
+
 @pytest.mark.parametrize("name", ["ref_chosen_logps", "ref_rejected_logps"])
 def test_dpo_reference_logps_of_the_wrong_shape_are_refused_by_name(name):
     hidden, weight, targets, ref_c, ref_r = _dpo_inputs()
