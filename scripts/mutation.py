@@ -9,7 +9,8 @@
 4. The score per module and every surviving mutant (file:line in the snapshot, and its diff) are
    printed and written to ``mutants/mutation-report.md``.
 A stopped run (Ctrl-C, end of the day) keeps its results in ``mutants/``; ``--resume`` continues it where
-it stopped, with the same snapshot and tests (mutmut skips the mutants that already have a verdict).
+it stopped, with the same snapshot and tests: only the mutants without a verdict are named to mutmut
+(which reruns every mutant a name or pattern matches, judged or not).
 """
 
 from __future__ import annotations
@@ -157,6 +158,17 @@ def first_changed_line(path: Path, mutant: str) -> tuple[int, list[str]]:
     return node.lineno + changes[0][1] - def_index, diff
 
 
+def unjudged_mutants(files: list[Path]) -> list[str]:
+    """The mutants of ``files`` that mutmut generated in the snapshot but has no verdict for yet."""
+    names = []
+    for path in files:
+        meta = SNAPSHOT / "mutants" / f"{path}.meta"
+        if meta.exists():
+            verdicts = json.loads(meta.read_text())["exit_code_by_key"]
+            names += [name for name, code in verdicts.items() if code is None]
+    return names
+
+
 def report(files: list[Path], deselected: list[str], seconds: dict, measured: str) -> int:
     from importlib.metadata import version
 
@@ -271,6 +283,12 @@ def main() -> int:
     env.update(TORCH_EXTENSIONS_DIR=str(cache / "mutants"))
     # Mutant names are <module>.x_<function>__mutmut_<n> or <module>.xǁ<Class>ǁ<method>__mutmut_<n>.
     patterns = names or [f"{module_name(f)}.x*" for f in files]
+    if args.resume and not names:
+        # mutmut reruns every mutant a pattern names, verdict or not: a resume names only those without one.
+        patterns = unjudged_mutants(files)
+        print(f"Resuming: {len(patterns)} mutants without a verdict", flush=True)
+        if not patterns:
+            return report(files, deselected, seconds | {"mutmut": 0.0}, measured)
     mutmut = Path(sys.executable).with_name("mutmut")
     start = time.monotonic()
     run = subprocess.run([str(mutmut), "run", "--max-children", str(args.workers), *patterns], cwd=SNAPSHOT, env=env)
