@@ -1,4 +1,4 @@
-"""GPU suite: the Triton tests on the device, then timings and memory of the core op (SPEC section 9).
+"""GPU suite: the Triton tests on the device, then timings and memory of the core op (docs/design.md, "Benchmarks").
 
     python bench/gpu_suite.py --out bench/results/gpu-h100      # tests + benchmarks, JSON + table
     python bench/gpu_suite.py --out DIR --skip-tests --cases fk_stats,torch_eager --shapes 4096x32000
@@ -371,7 +371,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--cases", default="", help=f"comma-separated subset of: {names}")
     parser.add_argument(
-        "--shapes", default="", help="comma-separated NxV subset, e.g. 4096x32000 (default: SPEC 9 grid)"
+        "--shapes", default="", help="comma-separated NxV subset, e.g. 4096x32000 (default: the standard grid)"
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--temperature", type=float, default=1.0)

@@ -1,6 +1,6 @@
-// Torch bindings of the two CPU primitives (SPEC section 6b): rows in parallel with at::parallel_for
-// (OpenMP; follows torch.set_num_threads), one row per task, so results do not depend on the thread
-// count. The per-row math is in row_kernels.h.
+// Torch bindings of the two CPU primitives (docs/design.md, "Backends and builds"): rows in parallel
+// with at::parallel_for (OpenMP; follows torch.set_num_threads), one row per task, so results do not
+// depend on the thread count. The per-row math is in row_kernels.h.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 

@@ -1,6 +1,6 @@
 """fastrl_kernels: fused, memory-lean loss kernels for RL fine-tuning of language models.
 
-Public API (SPEC section 3). Imports are lazy: ``import fastrl_kernels`` loads no kernel backend,
+Public API (docs/design.md, "Public API"). Imports are lazy: ``import fastrl_kernels`` loads no kernel backend,
 touches no CUDA state and compiles nothing. It does check torch's version (``versions.py``): a torch
 outside the admitted range fails here, with one message, rather than inside the first op.
 """

@@ -95,7 +95,7 @@ def check_normalizer(normalizer: Any, name: str = "normalizer") -> None:
 
 @dataclass(frozen=True)
 class PolicyLossConfig:
-    """Options of the PPO / GRPO family (SPEC section 4).
+    """Options of the PPO / GRPO family (docs/design.md, "The loss math").
 
     ``loss_agg`` accepts our names (verl's ``loss_agg_mode``: "token-mean", "seq-mean-token-mean",
     "seq-mean-token-sum", "seq-mean-token-sum-norm") plus "sum", and TRL's ``loss_type`` names
@@ -271,7 +271,7 @@ F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"
 
 @dataclass(frozen=True)
 class DPOConfig:
-    """Options of the DPO family (SPEC section 4, DPO paragraph); see ``fastrl_kernels.reference.dpo``.
+    """Options of the DPO family (docs/design.md, "The loss math"); see ``fastrl_kernels.reference.dpo``.
 
     ``loss_type`` is one name of ``DPO_LOSS_TYPES`` or a sequence of them (a mixture, TRL's list
     ``loss_type`` with ``loss_weights``; None = weight 1 each), stored as a str or a tuple.

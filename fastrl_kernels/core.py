@@ -1,7 +1,7 @@
 """The contract between the loss algebra and the backends: two primitives over ``[N, V]`` logits.
 
 Every backend (``torch_backend``, ``native``, ``triton``) exposes two functions with these
-signatures and nothing else on the N x V path (SPEC section 6b)::
+signatures and nothing else on the N x V path (docs/design.md, "Two primitives, everything else O(N)")::
 
     stats(logits, targets, params, with_log_sum_p2=False) -> CoreStats
     grad(logits, targets, stats, g_lp, g_entropy, params, out=None) -> Tensor

@@ -1,4 +1,4 @@
-"""Native C++ CPU backend of the two primitives of ``core.py`` (SPEC sections 6b, 7).
+"""Native C++ CPU backend of the two primitives of ``core.py`` (docs/design.md, "Backends and builds").
 
 The C++ sources (``csrc/`` at the repository root, or ``fastrl_kernels/csrc/`` in an installed
 package) are compiled on first use with ``torch.utils.cpp_extension.load`` (ninja) and cached in

@@ -1,4 +1,4 @@
-"""The seed's numpy functions equal the reference calls named in SPEC section 5."""
+"""The seed's numpy functions equal the reference calls named in docs/design.md, "Seed functions"."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Benchmark cases of the lm_head path: ``linear_policy_loss`` fwd + bwd vs naive PyTorch (SPEC section 9).
+"""Benchmark cases of the lm_head path: ``linear_policy_loss`` fwd + bwd vs naive PyTorch (docs/design.md, "Benchmarks")
 
 ``cases(device, quick)`` returns plain dicts, one per (op, shape, dtype), each with ``make_inputs()`` and
 two callables ``ours(inputs)`` / ``naive(inputs)`` that run forward + backward once and return the loss.

@@ -1,4 +1,4 @@
-"""``fastrl-bench``: time and peak extra memory of every op vs naive PyTorch and peers (SPEC section 9).
+"""``fastrl-bench``: time and peak extra memory of every op vs naive PyTorch and peers (docs/design.md, "Benchmarks").
 
     fastrl-bench --quick                                  # small CPU suite, a few minutes on 2 cores
     fastrl-bench --ops policy_loss --shapes 4096x32000,2048x151936 \\

@@ -1,4 +1,4 @@
-"""Reduction of per-token values ``[B, T]`` to the scalar loss (SPEC section 4, ``loss_agg``).
+"""Reduction of per-token values ``[B, T]`` to the scalar loss (``loss_agg``; docs/design.md, "The loss math").
 
 Each mode divides by a default denominator that ``normalizer`` replaces (a global count across
 micro-batches and ranks: DAPO / BNPO, TRL's ``num_items_in_batch``). Empty masks give 0, never NaN.

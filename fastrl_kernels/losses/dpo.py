@@ -1,4 +1,4 @@
-"""The DPO family on sequence log-probs: O(N) algebra shared by every backend (SPEC section 6b).
+"""The DPO family on sequence log-probs: O(N) algebra shared by every backend (docs/design.md, "The loss math").
 
 Ordinary differentiable PyTorch on ``[B]`` (pair) and ``[2B, T]`` (token) tensors, computed in float32
 or higher, with no host syncs and no data-dependent Python branches (options are static), so it runs

@@ -1,4 +1,4 @@
-"""Per-token KL penalty estimators against a reference policy (SPEC section 4)."""
+"""Per-token KL penalty estimators against a reference policy (docs/design.md, "The loss math")."""
 
 from __future__ import annotations
 

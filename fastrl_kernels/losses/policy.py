@@ -1,8 +1,8 @@
 """The PPO / GRPO family on per-token log-probs: O(N) algebra shared by every backend.
 
 ``policy_loss_from_logprobs`` is ordinary differentiable PyTorch on ``[B, T]`` tensors. The fused
-ops call it inside their forward and take dL/dlogp, dL/dH from autograd on it (SPEC section 6b);
-it is public too, for callers who already hold log-probs.
+ops call it inside their forward and take dL/dlogp, dL/dH from autograd on it (docs/design.md,
+"A training step: three passes over N x V"); it is public too, for callers who already hold log-probs.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def separable_policy_terms(
     broadcast per token). ``weights = aggregation_weights(mask, loss_agg, normalizer)`` and
     ``entropy_weights`` the same for ``resolved_entropy_agg`` (needed when entropy_coef != 0):
     c_t = w_t (l_t * is_w_t + kl_coef kl_t) - entropy_coef w'_t H_t. Since w depends on the mask only,
-    dc_t / dlogp_t is the exact per-token coefficient of the whole loss (SPEC section 6b, lm_head path).
+    dc_t / dlogp_t is the exact per-token coefficient of the whole loss (docs/design.md, "The lm_head path").
     """
     cfg = config
     if cfg.loss_type not in SEPARABLE_POLICY_LOSS_TYPES:
@@ -134,7 +134,7 @@ def policy_loss_from_logprobs(
 
     ``mask`` is float {0, 1}; old / ref log-probs at masked positions are ignored. advantages ``[B]`` or
     ``[B, 1]`` are per sequence. ``entropy`` (exact H per token) may be None with entropy_mode "sampled".
-    Returns ``(loss 0-d, metrics)``; metrics are detached 0-d tensors (names in SPEC section 3).
+    Returns ``(loss 0-d, metrics)``; metrics are detached 0-d tensors (names in docs/design.md, "The loss math").
     """
     cfg = config if config is not None else PolicyLossConfig()
     if cfg.kl_coef != 0.0 and ref_logprobs is None:

@@ -1,8 +1,9 @@
 """DPO family: ``dpo_loss`` on sequence log-probs and ``fused_dpo_loss`` on logits.
 
-``fused_dpo_loss`` streams the ``[2B, T, V]`` logits through the core primitives (SPEC section 6b):
-the sequence log-probs, the pair losses and their gradient w.r.t. each token's log-prob are O(N)
-PyTorch (``fastrl_kernels.losses.dpo``); the logits gradient is one pass in backward.
+``fused_dpo_loss`` streams the ``[2B, T, V]`` logits through the core primitives (docs/design.md,
+"A training step: three passes over N x V"): the sequence log-probs, the pair losses and their gradient
+w.r.t. each token's log-prob are O(N) PyTorch (``fastrl_kernels.losses.dpo``); the logits gradient is
+one pass in backward.
 """
 
 from __future__ import annotations
@@ -159,7 +160,8 @@ def fused_dpo_loss(
 
     Returns:
         ``DPOOutput`` (float32), equal to ``reference.dpo`` on ``reference.dpo.sequence_logprobs`` within
-        SPEC section 6's tolerances; ``loss.backward()`` gives the gradient w.r.t. ``logits``.
+        the tolerances of docs/design.md, "Numerics and tolerances"; ``loss.backward()`` gives the
+        gradient w.r.t. ``logits``.
     """
     cfg = resolve_config(DPOConfig, config, overrides)
     check_backend(backend)

@@ -1,6 +1,6 @@
 """The chunked lm_head engine behind ``ops/linear.py``: logits = hidden @ weight^T (+ bias), C rows at a time.
 
-Never more than C x V logits exist (SPEC section 7, linear path). Per chunk the logits GEMM feeds the
+Never more than C x V logits exist (docs/design.md, "The lm_head path"). Per chunk the logits GEMM feeds the
 backend's ``stats``; the gradient of the chunk is written over its logits by the backend's ``grad``;
 two more GEMMs turn it into grad_hidden (g @ W) and grad_weight (+= g^T @ h, float32 accumulator).
 

@@ -1,4 +1,4 @@
-"""``policy_loss``: the PPO / GRPO family fused with token log-probs and entropy (SPEC sections 3, 4, 6b)."""
+"""``policy_loss``: the PPO / GRPO family fused with token log-probs and entropy (docs/design.md, "The loss math")."""
 
 from __future__ import annotations
 

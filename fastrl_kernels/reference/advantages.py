@@ -1,4 +1,7 @@
-"""Advantage estimators and the value loss in float64, as plain loops and formulas (SPEC section 4)."""
+"""Advantage estimators and the value loss in float64, as plain loops and formulas.
+
+See docs/design.md, "The loss math".
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PPO / GRPO family losses in float64, written out term by term (SPEC section 4).
+"""PPO / GRPO family losses in float64, written out term by term (docs/design.md, "The loss math").
 
 Inputs of leading shape ``[B, T]`` (B sequences of T tokens) or ``[N]`` (one sequence, B=1, T=N).
 Nothing here is fused or chunked; every backend of ``fastrl_kernels.ops`` is checked against it.

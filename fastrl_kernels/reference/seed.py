@@ -1,6 +1,7 @@
 """The four numpy sketches of the design seed (GRPO on DeepSeek-R1), kept faithful in meaning.
 
-numpy in, numpy out. Each is equal to a call of the package (SPEC section 5), checked in tests/test_seed.py:
+numpy in, numpy out. Each is equal to a call of the package (docs/design.md, "Seed functions"), checked in
+tests/test_seed.py:
 
 - ``ppo_loss_with_gae_entropy`` == ``reference.policy_loss_from_logprobs(new, None, old, A,
   ref_logprobs=old, kl_coef=kl_penalty_coef, kl_estimator="k1", entropy_coef=entropy_bonus_coef,

@@ -1,7 +1,7 @@
 """Plain PyTorch versions of the losses the trainer uses (``--kernel naive``).
 
 ``log_softmax`` + ``gather`` over the full ``[B, T, V]`` logits and autograd through it: the memory
-every fused op avoids. Formulas are those of SPEC section 4 for the options the trainer sets
+every fused op avoids. Formulas are those of docs/design.md, "The loss math", for the options the trainer sets
 (``loss_type="clip"``, KL estimator "k3", exact entropy, ``loss_agg="token-mean"``, DPO "sigmoid").
 """
 
