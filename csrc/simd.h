@@ -46,6 +46,22 @@ inline float fused_madd(float a, float b, float c) {
 #endif
 }
 
+// The first k elements of p, then `pad`, as one vector of S / the first k lanes of a stored to p: the
+// partial last vector of a row, once per row, so a float buffer and plain loops do.
+template <class S, class T>
+inline typename S::V load_first(const T* p, int64_t k, float pad) {
+  float buf[S::W];
+  for (int i = 0; i < S::W; ++i) buf[i] = i < k ? static_cast<float>(p[i]) : pad;
+  return S::load(static_cast<const float*>(buf));
+}
+
+template <class S, class T>
+inline void store_first(T* p, typename S::V a, int64_t k) {
+  float buf[S::W];
+  S::store(static_cast<float*>(buf), a);
+  for (int i = 0; i < k; ++i) p[i] = static_cast<T>(buf[i]);
+}
+
 struct ScalarSimd {
   using V = float;
   using M = bool;
@@ -164,15 +180,11 @@ struct Avx2Simd {
   }
   template <class T>
   static V load_partial(const T* p, int64_t k, float pad) {
-    alignas(32) float buf[W];
-    for (int i = 0; i < W; ++i) buf[i] = i < k ? static_cast<float>(p[i]) : pad;
-    return _mm256_load_ps(buf);
+    return load_first<Avx2Simd>(p, k, pad);
   }
   template <class T>
   static void store_partial(T* p, V a, int64_t k) {
-    alignas(32) float buf[W];
-    _mm256_store_ps(buf, a);
-    for (int i = 0; i < k; ++i) p[i] = static_cast<T>(buf[i]);
+    store_first<Avx2Simd>(p, a, k);
   }
   static M first_lanes(int64_t k) {
     const V iota = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
@@ -244,15 +256,11 @@ struct Avx512Simd {
   }
   template <class T>
   static V load_partial(const T* p, int64_t k, float pad) {
-    alignas(64) float buf[W];
-    for (int i = 0; i < W; ++i) buf[i] = i < k ? static_cast<float>(p[i]) : pad;
-    return _mm512_load_ps(buf);
+    return load_first<Avx512Simd>(p, k, pad);
   }
   template <class T>
   static void store_partial(T* p, V a, int64_t k) {
-    alignas(64) float buf[W];
-    _mm512_store_ps(buf, a);
-    for (int i = 0; i < k; ++i) p[i] = static_cast<T>(buf[i]);
+    store_first<Avx512Simd>(p, a, k);
   }
   static M first_lanes(int64_t k) { return k >= W ? M{0xFFFF} : static_cast<M>((1u << k) - 1u); }
 };
