@@ -387,7 +387,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-# The issue goals on an H100: the fused policy loss at N=8192, V=151936 and the lm_head path with the
+# The targets on an H100: the fused policy loss at N=8192, V=151936 and the lm_head path with the
 # Qwen2.5-0.5B, Qwen2.5-7B and Llama-3-8B heads, bf16, through the shared suite of fastrl_kernels.benchmarks.
 PACKAGE_OPS = (
     ("policy_loss", ["8192x151936", "16384x151936", "8192x128256"]),

@@ -389,7 +389,7 @@ def test_policy_loss_shapes_and_ignore_index():
 # fastrl_kernels.testing
 
 
-def test_tolerances_follow_the_spec():
+def test_tolerances_by_dtype():
     assert tolerances(torch.float32) == {"rtol": 1e-5, "atol": 1e-6}
     assert tolerances(torch.float64, "grad") == {"rtol": 1e-4, "row_atol": 1e-5, "tensor_atol": 1e-6, "atol": 0.0}
     assert tolerances(torch.bfloat16) == {"rtol": 1e-3, "atol": 1e-3}

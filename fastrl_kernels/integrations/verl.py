@@ -11,7 +11,7 @@ loss registered under ``actor.policy_loss.loss_mode`` in ``verl.trainer.ppo.core
   dual clip ``clip_ratio_c``), "gspo", "sapo" and "cispo" losses with verl's signature and conventions,
   registered as ``"fastrl_<mode>"`` (set ``actor.policy_loss.loss_mode=fastrl_vanilla``).
 - ``fused_policy_loss(logits, responses, ...)``: the same loss straight from logits (``fk.policy_loss``:
-  the logits gradient is computed in the forward), for actors that can hand over logits.
+  one streamed pass in the forward, one in the backward), for actors that can hand over logits.
 
 verl conventions reproduced: ``clip_ratio_low / clip_ratio_high`` default to ``clip_ratio``; the
 log-ratio is clamped to [-20, 20] (vanilla, sapo, cispo); vanilla applies the dual clip for A < 0 with
