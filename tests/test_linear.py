@@ -12,6 +12,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import fastrl_kernels as fk
 from fastrl_kernels import reference
+from fastrl_kernels.losses.policy_types import POLICY_LOSSES
 from fastrl_kernels.ops import linear_chunks
 from fastrl_kernels.ops.linear import count_gemms
 from fastrl_kernels.reference import dpo as dpo_ref
@@ -25,7 +26,8 @@ from tests.test_dpo_loss import _expected as dpo_expected
 from tests.test_dpo_loss import configs as dpo_configs
 
 BACKENDS = cpu_fused_backends()
-SEPARABLE = ("clip", "cispo", "sapo")
+# Types with a per-token ratio take the one-sweep route: the loss is a sum of per-token terms.
+SEPARABLE = tuple(name for name, kind in POLICY_LOSSES.items() if kind.ratio == "token")
 HIDDEN_SIZES = st.sampled_from((1, 2, 7, 13, 31, 64)) | st.integers(1, 48)
 TRANSFORMS = {
     "plain": dict(),

@@ -227,7 +227,8 @@ def test_dpo_hidden_must_be_pairs_of_sequences(shape):
     hidden = torch.randn(shape)
     weight = torch.randn(25, 6)
     targets = torch.randint(0, 25, shape[:-1])
-    message = f"hidden: expected shape [2B, T, H] with an even number 2B >= 2 of rows (chosen then rejected), got {shape}"
+    message = ("hidden: expected shape [2B, T, H] with an even number 2B >= 2 of rows (chosen then rejected), "
+               f"got {shape}")
     with pytest.raises(ValueError, match=re.escape(message) if len(shape) < 4 else "hidden"):
         fk.linear_dpo_loss(hidden, weight, targets, None, torch.zeros(1), torch.zeros(1), backend="torch")
 

@@ -16,13 +16,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastrl_kernels as fk
+from fastrl_kernels.config import POLICY_LOSS_TYPES
 from fastrl_kernels.testing.strategies import seeds
 from tests.backends_under_test import cpu_fused_backends
 
 BACKENDS = cpu_fused_backends() + ["reference"]
 GARBAGE = (0.0, -1e4, 1e4, -math.inf, math.inf, math.nan)
 FIELDS = ("old_logprobs", "ref_logprobs", "advantages", "is_weights")
-LOSS_TYPES = ("clip", "gspo", "gspo_token", "cispo", "sapo")
+LOSS_TYPES = POLICY_LOSS_TYPES
 OPTIONS = dict(kl_coef=0.05, entropy_coef=0.01, dual_clip=3.0)
 
 

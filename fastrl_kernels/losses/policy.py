@@ -14,6 +14,7 @@ import torch
 from ..config import PolicyLossConfig
 from .aggregation import Normalizer, aggregate, masked_mean
 from .kl import kl_penalty
+from .policy_types import POLICY_LOSSES, policy_loss_type
 
 
 def _sequence_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -23,43 +24,20 @@ def _sequence_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Te
 
 def _ratio(logp: torch.Tensor, old: torch.Tensor, mask: torch.Tensor, loss_type: str) -> torch.Tensor:
     log_ratio = logp - old
-    if loss_type == "gspo":
+    kind = policy_loss_type(loss_type).ratio
+    if kind == "sequence":
         return torch.exp(_sequence_log_ratio(log_ratio, mask)).expand_as(logp)
-    if loss_type == "gspo_token":
+    if kind == "sequence_token":
         seq = _sequence_log_ratio(log_ratio.detach(), mask)
         return torch.exp(seq + logp - logp.detach())
     return torch.exp(log_ratio)
-
-
-def _clipped_surrogate(ratio: torch.Tensor, adv: torch.Tensor, cfg: PolicyLossConfig) -> torch.Tensor:
-    capped = ratio.clamp(max=cfg.delta) if cfg.delta is not None else ratio
-    clipped = ratio.clamp(1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high)
-    loss = torch.maximum(-adv * capped, -adv * clipped)
-    if cfg.dual_clip is not None:
-        loss = torch.where(adv < 0, torch.minimum(loss, -cfg.dual_clip * adv), loss)
-    return loss
 
 
 def per_token_policy_loss(
     logp: torch.Tensor, ratio: torch.Tensor, adv: torch.Tensor, cfg: PolicyLossConfig
 ) -> torch.Tensor:
     """The policy term of one token for ``cfg.loss_type`` (before is_weights, KL and entropy)."""
-    if cfg.loss_type in ("clip", "gspo", "gspo_token"):
-        return _clipped_surrogate(ratio, adv, cfg)
-    if cfg.loss_type == "cispo":
-        weight = ratio.clamp(1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high).detach()
-        return -weight * adv * logp
-    if cfg.loss_type == "sapo":
-        # The temperatures in the ratio's precision, at least float32, whatever the default dtype.
-        dtype = torch.promote_types(ratio.dtype, torch.float32)
-        temp_pos = torch.tensor(cfg.sapo_temp_pos, dtype=dtype, device=ratio.device)
-        temp = torch.where(adv > 0, temp_pos, cfg.sapo_temp_neg)
-        x = temp * (ratio - 1.0)
-        # sigmoid(x) as 1 - sigmoid(-x) for x > 0: autograd's s (1 - s) then works on the smaller of
-        # sigmoid(+-x), which keeps its precision where the gate saturates (float32 1 - s would not).
-        gate = torch.where(x > 0, 1.0 - torch.sigmoid(-x), torch.sigmoid(x))
-        return -gate * (4.0 / temp) * adv
-    raise ValueError(f"loss_type: unknown policy loss {cfg.loss_type!r}")
+    return policy_loss_type(cfg.loss_type).term(logp, ratio, adv, cfg)
 
 
 def _token_loss(logp, ratio, adv, ref_logprobs, is_weights, cfg: PolicyLossConfig):
@@ -81,7 +59,7 @@ def _bonus_entropy(logp: torch.Tensor, entropy: Optional[torch.Tensor], cfg: Pol
 
 # Loss types whose ratio is per token: the loss is then a sum of per-token terms with weights that
 # depend on the mask only, so chunks of tokens can be differentiated independently.
-SEPARABLE_POLICY_LOSS_TYPES = ("clip", "cispo", "sapo")
+SEPARABLE_POLICY_LOSS_TYPES = tuple(name for name, kind in POLICY_LOSSES.items() if kind.separable)
 
 
 def separable_policy_terms(

@@ -107,6 +107,40 @@ def _masked_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return (m * x).sum() / torch.clamp(m.sum(), min=1.0)
 
 
+def _clip_term(ratio, adv, logp, cfg):
+    low, high = 1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high
+    capped = torch.clamp(ratio, max=cfg.delta) if cfg.delta is not None else ratio
+    per_token = torch.maximum(-adv * capped, -adv * torch.clamp(ratio, low, high))
+    if cfg.dual_clip is not None:
+        per_token = torch.where(adv < 0, torch.minimum(per_token, -cfg.dual_clip * adv), per_token)
+    return per_token
+
+
+def _cispo_term(ratio, adv, logp, cfg):
+    return -torch.clamp(ratio, 1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high).detach() * adv * logp
+
+
+def _sapo_term(ratio, adv, logp, cfg):
+    tau = torch.where(adv > 0, _f64(cfg.sapo_temp_pos, logp), _f64(cfg.sapo_temp_neg, logp))
+    return -torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau) * adv
+
+
+def _gpg_term(ratio, adv, logp, cfg):
+    return -adv * logp
+
+
+# loss_type -> (how the ratio is formed, the float64 policy term of each token): written out here on its
+# own; the fused algebra's registry is losses/policy_types.py, and a test checks both have the same names.
+POLICY_TERMS = {
+    "clip": ("token", _clip_term),
+    "gspo": ("sequence", _clip_term),
+    "gspo_token": ("sequence_token", _clip_term),
+    "cispo": ("token", _cispo_term),
+    "sapo": ("token", _sapo_term),
+    "gpg": ("token", _gpg_term),
+}
+
+
 def policy_loss_from_logprobs(
     logp: torch.Tensor,
     entropy: Optional[torch.Tensor],
@@ -132,6 +166,7 @@ def policy_loss_from_logprobs(
         gspo_token  r = exp(sg(log s_b) + logp - sg(logp))    (sg = stop-gradient)
         cispo  l = -sg(clip(r, 1-eps_low, 1+eps_high)) A logp
         sapo   l = -sigmoid(tau (r - 1)) (4 / tau) A, tau = sapo_temp_pos if A > 0 else sapo_temp_neg
+        gpg    l = -A logp
 
     then l *= is_weights (no gradient), total = l + kl_coef * kl_penalty(logp, ref) when ``ref_logprobs``
     is given, and loss = aggregate(total, m, loss_agg) - entropy_coef * aggregate(H, m, entropy_agg) with
@@ -164,26 +199,16 @@ def policy_loss_from_logprobs(
     # Garbage at masked positions (advantages, is_weights, entropy) is pinned to a neutral value too.
     adv = torch.where(unmasked, adv.expand_as(logp), 0.0)
 
+    ratio_kind, term = POLICY_TERMS[cfg.loss_type]
     log_ratio = logp - old
-    if cfg.loss_type in ("gspo", "gspo_token"):
+    if ratio_kind != "token":
         seq_log_ratio = (m * log_ratio).sum(dim=-1, keepdim=True) / torch.clamp(m.sum(dim=-1, keepdim=True), min=1.0)
-        if cfg.loss_type == "gspo":
+        if ratio_kind == "sequence":
             log_ratio = seq_log_ratio.expand_as(logp)
         else:
             log_ratio = seq_log_ratio.detach() + logp - logp.detach()
     ratio = torch.exp(log_ratio)
-    low, high = 1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high
-
-    if cfg.loss_type == "cispo":
-        per_token = -torch.clamp(ratio, low, high).detach() * adv * logp
-    elif cfg.loss_type == "sapo":
-        tau = torch.where(adv > 0, _f64(cfg.sapo_temp_pos, logp), _f64(cfg.sapo_temp_neg, logp))
-        per_token = -torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau) * adv
-    else:  # clip, gspo, gspo_token
-        capped = torch.clamp(ratio, max=cfg.delta) if cfg.delta is not None else ratio
-        per_token = torch.maximum(-adv * capped, -adv * torch.clamp(ratio, low, high))
-        if cfg.dual_clip is not None:
-            per_token = torch.where(adv < 0, torch.minimum(per_token, -cfg.dual_clip * adv), per_token)
+    per_token = term(ratio, adv, logp, cfg)
     if is_weights is not None:
         per_token = per_token * torch.where(unmasked, _as_2d(is_weights).detach().to(torch.float64), 1.0)
 
@@ -203,6 +228,7 @@ def policy_loss_from_logprobs(
 
     with torch.no_grad():
         r = ratio.detach()
+        low, high = 1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high
         metrics = {
             "clip_frac_low": _masked_mean(((r < low) & (adv < 0)).to(torch.float64), m),
             "clip_frac_high": _masked_mean(((r > high) & (adv > 0)).to(torch.float64), m),
