@@ -13,10 +13,10 @@ from typing import Any, Optional, Union
 
 import torch
 
+from .losses.kl import KL_ESTIMATORS
 from .losses.policy_types import POLICY_LOSSES
 
 POLICY_LOSS_TYPES = tuple(POLICY_LOSSES)  # the registry's keys: one entry per type
-KL_ESTIMATORS = ("k1", "abs", "k2", "k3", "k1+", "k3+")
 ENTROPY_MODES = ("exact", "sampled")
 LOSS_AGG_MODES = (
     "token-mean",

@@ -91,3 +91,11 @@ def test_gpg_equals_verls_gpg(core_algos, loss_agg):  # noqa: F811 (the fixture)
     loss.backward()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(ours.grad, logp32.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_config_reference_and_fused_algebra_know_the_same_kl_estimators():
+    from fastrl_kernels.config import KL_ESTIMATORS
+    from fastrl_kernels.losses import kl
+
+    assert KL_ESTIMATORS == kl.KL_ESTIMATORS
+    assert tuple(ref_policy.KL_TERMS) == KL_ESTIMATORS

@@ -6,6 +6,17 @@ from typing import Optional
 
 import torch
 
+# The estimators' values from k = ref - logp (Schulman's k1 / k2 / k3, verl's names). An estimator named
+# with a "+" takes its base's value with k2's gradient. ``config.KL_ESTIMATORS`` is this table's names.
+KL_VALUES = {
+    "k1": lambda k: -k,
+    "abs": torch.abs,
+    "k2": lambda k: 0.5 * k * k,
+    "k3": lambda k: torch.expm1(k) - k,
+}
+STRAIGHT_THROUGH = ("k1+", "k3+")
+KL_ESTIMATORS = tuple(KL_VALUES) + STRAIGHT_THROUGH
+
 
 def kl_penalty(
     logp: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3", clamp: Optional[float] = None
@@ -19,18 +30,10 @@ def kl_penalty(
     k = ref_logprobs - logp
     if clamp is not None:
         k = k.clamp(min=-clamp, max=clamp)
-    base = estimator.rstrip("+")
-    if base == "k1":
-        value = -k
-    elif base == "abs":
-        value = k.abs()
-    elif base == "k2":
-        value = 0.5 * k * k
-    elif base == "k3":
-        value = torch.expm1(k) - k
-    else:
+    if estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_estimator: unknown estimator {estimator!r}")
-    if estimator.endswith("+"):
+    value = KL_VALUES[estimator.rstrip("+")](k)
+    if estimator in STRAIGHT_THROUGH:
         k2 = 0.5 * k * k
         return k2 + (value - k2).detach()
     return value

@@ -49,20 +49,26 @@ def kl_penalty(
     k = ref_logprobs.detach().to(torch.float64) - logp
     if clamp is not None:
         k = torch.clamp(k, -clamp, clamp)
-    k1, k2, k3 = -k, 0.5 * k * k, torch.exp(k) - k - 1.0
-    if estimator == "k1":
-        return k1
-    if estimator == "abs":
-        return k.abs()
-    if estimator == "k2":
-        return k2
-    if estimator == "k3":
-        return k3
-    if estimator == "k1+":
-        return k2 + (k1 - k2).detach()
-    if estimator == "k3+":
-        return k2 + (k3 - k2).detach()
-    raise ValueError(f"estimator: expected one of ('k1', 'abs', 'k2', 'k3', 'k1+', 'k3+'), got {estimator!r}")
+    if estimator not in KL_TERMS:
+        raise ValueError(f"estimator: expected one of {tuple(KL_TERMS)}, got {estimator!r}")
+    return KL_TERMS[estimator](k)
+
+
+def _straight_through(value):
+    """The value of `value(k)` with the gradient of k^2 / 2."""
+    return lambda k: 0.5 * k * k + (value(k) - 0.5 * k * k).detach()
+
+
+# Estimator -> float64 value from k = ref - logp; the fused algebra's table is losses/kl.py, and a test
+# checks both have the same names.
+KL_TERMS = {
+    "k1": lambda k: -k,
+    "abs": lambda k: k.abs(),
+    "k2": lambda k: 0.5 * k * k,
+    "k3": lambda k: torch.exp(k) - k - 1.0,
+    "k1+": _straight_through(lambda k: -k),
+    "k3+": _straight_through(lambda k: torch.exp(k) - k - 1.0),
+}
 
 
 def aggregate(
