@@ -13,6 +13,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from .losses.dpo_types import DPO_LOSSES
 from .losses.kl import KL_ESTIMATORS
 from .losses.policy_types import POLICY_LOSSES
 
@@ -253,21 +254,7 @@ def as_float_mask(mask: Optional[torch.Tensor], shape: Sequence[int], like: torc
     raise TypeError(f"{name}: expected a bool or {{0,1}} numeric tensor, got {mask.dtype}")
 
 
-DPO_LOSS_TYPES = (
-    "sigmoid",
-    "hinge",
-    "ipo",
-    "robust",
-    "exo_pair",
-    "nca_pair",
-    "bco_pair",
-    "sppo_hard",
-    "apo_zero",
-    "apo_down",
-    "aot",
-    "aot_unpaired",
-    "discopop",
-)
+DPO_LOSS_TYPES = tuple(DPO_LOSSES)  # the registry's keys (losses/dpo_types.py)
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
 

@@ -99,3 +99,13 @@ def test_config_reference_and_fused_algebra_know_the_same_kl_estimators():
 
     assert KL_ESTIMATORS == kl.KL_ESTIMATORS
     assert tuple(ref_policy.KL_TERMS) == KL_ESTIMATORS
+
+
+def test_config_reference_and_fused_algebra_know_the_same_dpo_types():
+    from fastrl_kernels.config import DPO_LOSS_TYPES
+    from fastrl_kernels.losses.dpo_types import DPO_LOSSES, pair_loss
+    from fastrl_kernels.reference import dpo as ref_dpo
+
+    assert DPO_LOSS_TYPES == tuple(DPO_LOSSES) == ref_dpo.DPO_LOSS_TYPES
+    with pytest.raises(ValueError, match=r"^loss_type: unknown DPO loss 'kto'$"):
+        pair_loss("kto", {}, None)

@@ -8,17 +8,16 @@ dL/dlogp from autograd on it. Formulas and citations: ``fastrl_kernels.reference
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..config import DPOConfig
+from .dpo_types import pair_loss
 
-# Same constants as the reference (see there): the alpha-divergence exp cap and EXO's default eps.
+# Same constant as the reference (see there): the alpha-divergence exp cap.
 ALPHA_EXP_CAP = 80.0
-EXO_DEFAULT_EPS = 1e-3
 
 
 def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -37,56 +36,6 @@ def f_divergence_scores(logratios: torch.Tensor, f_divergence: str, f_alpha: flo
     if f_divergence == "alpha_divergence":
         return torch.exp(torch.clamp((f_alpha - 1.0) * logratios, max=ALPHA_EXP_CAP)) / (f_alpha - 1.0)
     raise ValueError(f"f_divergence: unknown {f_divergence!r}")
-
-
-def _sigmoid(x: torch.Tensor) -> torch.Tensor:
-    """sigmoid(x) as exp(log sigmoid(x)): autograd then gives sigmoid(x) sigmoid(-x), exact to float32 where
-    sigmoid(x) rounds to 1; torch.sigmoid's backward forms y (1 - y), which loses 1 - y there (about
-    1e-3 of the gradient at x = 10, all of it past x = 17)."""
-    return torch.exp(F.logsigmoid(x))
-
-
-def _smoothed_sigmoid(h: torch.Tensor, ls: float) -> torch.Tensor:
-    loss = -(1.0 - ls) * F.logsigmoid(h)
-    return loss - ls * F.logsigmoid(-h) if ls else loss
-
-
-def _pair_loss(name: str, t: dict, cfg: DPOConfig) -> torch.Tensor:
-    beta, ls, h = cfg.beta, cfg.label_smoothing, t["h"]
-    if name == "sigmoid":
-        return _smoothed_sigmoid(h, ls)
-    if name == "hinge":
-        return torch.relu(1.0 - h)
-    if name == "ipo":
-        return (t["s_c"] - t["s_r"] - 1.0 / (2.0 * beta)) ** 2
-    if name == "robust":
-        return (-(1.0 - ls) * F.logsigmoid(h) + ls * F.logsigmoid(-h)) / (1.0 - 2.0 * ls)
-    if name == "exo_pair":
-        eps = ls if ls > 0 else EXO_DEFAULT_EPS
-        return (_sigmoid(h) * (F.logsigmoid(h) - math.log1p(-eps))
-                + _sigmoid(-h) * (F.logsigmoid(-h) - math.log(eps)))
-    if name == "nca_pair":
-        c, r = beta * t["s_c"], beta * t["s_r"]
-        return -F.logsigmoid(c) - 0.5 * F.logsigmoid(-c) - 0.5 * F.logsigmoid(-r)
-    if name == "bco_pair":
-        return -F.logsigmoid(beta * t["s_c"]) - F.logsigmoid(-beta * t["s_r"])
-    if name == "sppo_hard":
-        return (t["s_c"] - 0.5 / beta) ** 2 + (t["s_r"] + 0.5 / beta) ** 2
-    if name == "apo_zero":
-        return 1.0 - _sigmoid(beta * t["u_c"]) + _sigmoid(beta * t["u_r"])
-    if name == "apo_down":
-        return _sigmoid(beta * t["u_c"]) + 1.0 - _sigmoid(h)
-    if name == "aot":
-        d = torch.sort(t["pc"] - t["pr"]).values - torch.sort(t["rc"] - t["rr"]).values
-        return _smoothed_sigmoid(beta * d, ls)
-    if name == "aot_unpaired":
-        d = torch.sort(t["u_c"]).values - torch.sort(t["u_r"]).values
-        return _smoothed_sigmoid(beta * d, ls)
-    if name == "discopop":
-        tau = cfg.discopop_tau
-        # m e^{-h} as exp(log sigmoid(h/tau) - h): the product form is 0 * inf = NaN once e^{-h} overflows.
-        return -_sigmoid(-h / tau) * F.logsigmoid(h) + torch.exp(F.logsigmoid(h / tau) - h)
-    raise ValueError(f"loss_type: unknown DPO loss {name!r}")
 
 
 def dpo_pair_losses(
@@ -112,7 +61,7 @@ def dpo_pair_losses(
     terms = dict(pc=pc, pr=pr, rc=rc, rr=rr, u_c=u_c, u_r=u_r, s_c=s_c, s_r=s_r, h=config.beta * (s_c - s_r))
     losses = None
     for name, weight in zip(config.loss_types, config.resolved_loss_weights):
-        term = _pair_loss(name, terms, config)
+        term = pair_loss(name, terms, config)
         term = term if weight == 1.0 else weight * term
         losses = term if losses is None else losses + term
     if chosen_weights is not None and rejected_weights is not None:
