@@ -64,7 +64,9 @@ def dpo_pair_losses(
         term = pair_loss(name, terms, config)
         term = term if weight == 1.0 else weight * term
         losses = term if losses is None else losses + term
-    if chosen_weights is not None and rejected_weights is not None:
+    if (chosen_weights is None) != (rejected_weights is None):
+        raise ValueError("chosen_weights / rejected_weights: expected both [B] tensors or neither, got one")
+    if chosen_weights is not None:
         losses = losses * (chosen_weights.to(dtype) * rejected_weights.to(dtype)).detach()
     return losses, (config.beta * u_c).detach(), (config.beta * u_r).detach()
 
