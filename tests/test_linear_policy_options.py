@@ -132,3 +132,25 @@ def test_input_checks_name_the_argument(backend):
     with pytest.raises(ValueError, match=r"^normalizer: expected a tensor on cpu like \w+, got meta$"):
         fk.linear_policy_loss(hidden, weight, targets, old, adv, normalizer=torch.tensor(4.0, device="meta"),
                               loss_type="gspo", **call)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_type", ["clip", "gspo"])  # the one-sweep and the two-pass route
+def test_only_a_loss_input_requiring_grad_gives_the_plain_values(backend, loss_type):
+    """hidden, weight and bias constant, old log-probs a leaf that requires grad: the op still runs its
+    autograd Function (a stats sweep, no gradient buffers), with the values of the no-grad run; the
+    old log-probs are constants of the loss, so they get no gradient."""
+    hidden, weight, bias, targets, old, adv = _inputs(seed=61)
+    kwargs = dict(bias=bias, backend=backend, chunk_size=4, loss_type=loss_type, kl_coef=0.0, entropy_coef=0.02)
+    with torch.no_grad():
+        plain = fk.linear_policy_loss(hidden, weight, targets, old, adv, **kwargs)
+    leaf = old.clone().requires_grad_(True)
+    out = fk.linear_policy_loss(hidden, weight, targets, leaf, adv, **kwargs)
+    torch.testing.assert_close(out.loss, plain.loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out.logprobs, plain.logprobs, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out.entropy, plain.entropy, rtol=1e-6, atol=1e-7)
+    for name in plain.metrics:
+        torch.testing.assert_close(out.metrics[name], plain.metrics[name], rtol=1e-6, atol=1e-7)
+    if out.loss.requires_grad:
+        (grad,) = torch.autograd.grad(out.loss, leaf, allow_unused=True)
+        assert grad is None or torch.equal(grad, torch.zeros_like(grad))
