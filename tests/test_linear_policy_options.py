@@ -10,6 +10,7 @@ import torch
 import fastrl_kernels as fk
 from fastrl_kernels import reference
 from fastrl_kernels.config import PolicyLossConfig
+from fastrl_kernels.ops.linear import count_gemms
 from fastrl_kernels.testing import assert_close_to_reference
 from tests.backends_under_test import cpu_fused_backends
 from tests.test_linear import _chain, _problem, _reference_logits
@@ -145,7 +146,10 @@ def test_only_a_loss_input_requiring_grad_gives_the_plain_values(backend, loss_t
     with torch.no_grad():
         plain = fk.linear_policy_loss(hidden, weight, targets, old, adv, **kwargs)
     leaf = old.clone().requires_grad_(True)
-    out = fk.linear_policy_loss(hidden, weight, targets, leaf, adv, **kwargs)
+    with count_gemms() as counter:
+        out = fk.linear_policy_loss(hidden, weight, targets, leaf, adv, **kwargs)
+    n_chunks = -(-B * T // 4)
+    assert counter.routes == ["stats"] and counter.total == n_chunks  # one GEMM per chunk, nothing for gradients
     torch.testing.assert_close(out.loss, plain.loss, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(out.logprobs, plain.logprobs, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(out.entropy, plain.entropy, rtol=1e-6, atol=1e-7)
