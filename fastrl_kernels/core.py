@@ -69,16 +69,8 @@ class Primitives(Protocol):
         with_log_sum_p2: bool = False,
     ) -> CoreStats: ...
 
-    def grad(
-        self,
-        logits: torch.Tensor,
-        targets: torch.Tensor,
-        stats: CoreStats,
-        g_lp: torch.Tensor,
-        g_entropy: torch.Tensor,
-        params: CoreParams,
-        out: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor: ...
+    def grad(self, logits: torch.Tensor, targets: torch.Tensor, stats: CoreStats, g_lp: torch.Tensor,
+             g_entropy: torch.Tensor, params: CoreParams, out: Optional[torch.Tensor] = None) -> torch.Tensor: ...
 
 
 def float64_on_float32_rows(stats: Callable, grad: Callable) -> tuple[Callable, Callable]:

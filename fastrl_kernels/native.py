@@ -267,15 +267,8 @@ def stats(logits: torch.Tensor, targets: torch.Tensor, params: CoreParams, with_
     return CoreStats(*out[:4], out[4] if with_log_sum_p2 else None)
 
 
-def grad(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    stats: CoreStats,
-    g_lp: torch.Tensor,
-    g_entropy: torch.Tensor,
-    params: CoreParams,
-    out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+def grad(logits: torch.Tensor, targets: torch.Tensor, stats: CoreStats, g_lp: torch.Tensor,
+         g_entropy: torch.Tensor, params: CoreParams, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Pass 2: dL/dlogits for per-row coefficients g_lp = dL/dlogp, g_entropy = dL/dentropy.
 
     p = e^{x - lse}; dL/dx_j = g_lp (1[j=y] - p_j) - g_entropy p_j (x_j - mean_x); dL/dz = dL/dx dx/dz

@@ -138,15 +138,8 @@ def stats(
     return CoreStats(logp, entropy, lse, mean_x, log_sum_p2)
 
 
-def grad(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    stats: CoreStats,
-    g_lp: torch.Tensor,
-    g_entropy: torch.Tensor,
-    params: CoreParams,
-    out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+def grad(logits: torch.Tensor, targets: torch.Tensor, stats: CoreStats, g_lp: torch.Tensor,
+         g_entropy: torch.Tensor, params: CoreParams, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     n_rows, vocab = logits.shape
     if out is None:
         out = torch.empty_like(logits)

@@ -212,13 +212,8 @@ def lse_split(stats: CoreStats, k: float) -> list[torch.Tensor]:
 
 
 def grad(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    stats: CoreStats,
-    g_lp: torch.Tensor,
-    g_entropy: torch.Tensor,
-    params: CoreParams,
-    out: Optional[torch.Tensor] = None,
+    logits: torch.Tensor, targets: torch.Tensor, stats: CoreStats, g_lp: torch.Tensor, g_entropy: torch.Tensor,
+    params: CoreParams, out: Optional[torch.Tensor] = None,
     *,
     launch: Optional[LaunchConfig] = None,
 ) -> torch.Tensor:
