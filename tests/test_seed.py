@@ -123,3 +123,15 @@ def test_grpo_seed_with_one_logprob_per_response():
     # clip losses -1.2 and 1.6 (see test_reference); k1 = new - old = ln 1.5, ln 0.5; coef 0.1
     want = (-1.2 + 1.6 + 0.1 * (np.log(1.5) + np.log(0.5))) / 2
     assert seed.grpo_loss(old, new, adv, 0.1, 0.2) == pytest.approx(want, abs=1e-14)
+
+
+def test_the_reference_package_loads_the_seed_module_on_first_use_only():
+    import subprocess
+    import sys
+
+    code = ("import sys, fastrl_kernels.reference as r\n"
+            "assert 'fastrl_kernels.reference.seed' not in sys.modules\n"
+            "assert r.seed.sequence_logps is not None and 'fastrl_kernels.reference.seed' in sys.modules\n"
+            "print('OK')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-2000:]

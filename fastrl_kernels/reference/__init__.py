@@ -1,10 +1,13 @@
 """Float64 reference formulas: unfused, obvious, differentiable; the independent check of every backend.
 
-Nothing here imports ``fastrl_kernels.losses`` or ``fastrl_kernels.ops``. ``seed`` holds the design
-seed's numpy functions.
+Nothing here imports the formulas of ``fastrl_kernels.losses`` or ``fastrl_kernels.ops`` (``config.py``, which
+the reference shares, takes the accepted names from the registry modules of ``losses/``). ``seed`` holds the
+seed document's numpy functions; it loads NumPy, so it is imported on first use
+(``fastrl_kernels.reference.seed`` or ``from fastrl_kernels.reference import seed``).
 """
 
-from . import seed
+import importlib
+
 from .advantages import gae, group_advantages, masked_whiten, value_loss
 from .logprobs import token_logprobs, token_stats, transformed_logits
 from .policy import aggregate, kl_penalty, policy_loss, policy_loss_from_logprobs
@@ -17,7 +20,7 @@ __all__ = [
     "masked_whiten",
     "policy_loss",
     "policy_loss_from_logprobs",
-    "seed",
+    "seed",  # noqa: F405 (imported on first use, see __getattr__)
     "token_logprobs",
     "token_stats",
     "transformed_logits",
@@ -32,3 +35,9 @@ try:
 except ModuleNotFoundError as error:  # the DPO reference is optional for the rest of the package
     if error.name != f"{__name__}.dpo":
         raise
+
+
+def __getattr__(name: str):
+    if name == "seed":
+        return importlib.import_module(f"{__name__}.seed")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
