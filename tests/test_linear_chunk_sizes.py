@@ -4,6 +4,8 @@ C x V logits buffer)."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -144,3 +146,21 @@ def test_each_sweep_holds_one_chunk_of_logits_and_writes_the_gradient_over_it(op
     assert vocab * hidden_size * 4 < chunk_bytes
     large = [event.cpu_memory_usage for event in prof.events() if event.cpu_memory_usage >= chunk_bytes]
     assert large == [chunk_bytes] * len(counter.routes), (counter.routes, large)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_chunk_of_logits_is_written_into_the_one_buffer(backend):
+    """Chunks of 8 rows over 12 (the last one shorter), more rows per chunk than H = 6, and H != V: each
+    logits GEMM writes into the sweep's buffer as it is (a GEMM whose `out` has the wrong shape would resize
+    it, allocating, with a UserWarning)."""
+    hidden, weight, bias, targets = _problem((3, 4), 6, 23, seed=52)
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        logp, entropy = fk.linear_token_logprobs(*leaves[:2], targets, bias=leaves[2], chunk_size=8, backend=backend)
+        (logp.sum() + entropy.sum()).backward()
+        for loss_type in ("clip", "gspo"):
+            fk.linear_policy_loss(*leaves[:2], targets, torch.full((3, 4), -3.1), torch.randn(3), bias=leaves[2],
+                                  chunk_size=8, backend=backend, loss_type=loss_type).loss.backward()
+        with torch.no_grad():
+            fk.linear_token_logprobs(hidden, weight, targets, bias=bias, chunk_size=8, backend=backend)
