@@ -1,0 +1,68 @@
+"""Input checks of the lm_head ops, message by message, and the choices they make from the inputs: the
+chunk size from the hidden dtype, the stats-only route when nothing requires a gradient."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import fastrl_kernels as fk
+from fastrl_kernels.ops import linear_chunks
+from fastrl_kernels.ops.linear import count_gemms
+from tests.test_linear import _problem
+
+
+def _inputs():
+    return _problem((4,), 6, 23, seed=81)
+
+
+def _refused(error, message, *args, **kwargs):
+    with pytest.raises(error, match=f"^{re.escape(message)}"):
+        fk.linear_token_logprobs(*args, backend="torch", **kwargs)
+
+
+def test_hidden_checks_name_hidden():
+    hidden, weight, bias, targets = _inputs()
+    _refused(TypeError, "hidden: expected dtype in", hidden.long(), weight, targets)
+    _refused(ValueError, "hidden: expected shape [N, H] or [B, T, H], got (1, 1, 4, 6)",
+             hidden.view(1, 1, 4, 6), weight, targets.view(1, 1, 4))
+
+
+def test_weight_checks_name_weight_and_give_h():
+    hidden, weight, bias, targets = _inputs()
+    _refused(TypeError, "weight: expected dtype in ['torch.float32'], got torch.float64", hidden, weight.double(),
+             targets)
+    _refused(ValueError, "weight: expected shape [V, 6] (V >= 1, H of hidden), got (23, 5)", hidden, weight[:, :5],
+             targets)
+    _refused(ValueError, "weight: expected shape [V, 6] (V >= 1, H of hidden), got (0, 6)", hidden, weight[:0],
+             targets.clamp(max=-100))
+
+
+def test_bias_checks_name_bias_and_need_the_hidden_dtype():
+    hidden, weight, bias, targets = _inputs()
+    _refused(TypeError, "bias: expected dtype in ['torch.float32'], got torch.float64", hidden, weight, targets,
+             bias=bias.double())
+    _refused(ValueError, "bias: ", hidden, weight, targets, bias=bias[:3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_default_chunk_size_follows_the_hidden_dtype(dtype):
+    hidden, weight, bias, targets = _problem((700,), 4, 60000, seed=82, dtype=dtype)
+    with count_gemms() as counter:
+        fk.linear_token_logprobs(hidden, weight, targets, bias=bias, backend="torch")
+    expected = linear_chunks.choose_chunk_size(700, 60000, dtype, hidden.device)
+    assert counter.chunk_sizes == [expected]
+    assert expected < 700  # more than one chunk, so the size is the rule's and not the row count
+
+
+def test_nothing_requiring_grad_takes_the_stats_only_route_in_grad_mode():
+    # Grad mode on, no input requiring grad (and no bias: None is not a tensor): one GEMM per chunk.
+    hidden, weight, _, targets = _inputs()
+    assert torch.is_grad_enabled()
+    with count_gemms() as counter:
+        out = fk.linear_policy_loss(hidden.view(2, 2, 6), weight, targets.view(2, 2), torch.full((2, 2), -3.0),
+                                    torch.ones(2), backend="torch", chunk_size=2)
+    assert counter.routes == ["stats"] and counter.total == 2
+    assert not out.loss.requires_grad
