@@ -66,3 +66,32 @@ def test_nothing_requiring_grad_takes_the_stats_only_route_in_grad_mode():
                                     torch.ones(2), backend="torch", chunk_size=2)
     assert counter.routes == ["stats"] and counter.total == 2
     assert not out.loss.requires_grad
+
+
+def test_bias_and_targets_messages_in_full():
+    hidden, weight, bias, targets = _inputs()
+    _refused(ValueError, "bias: expected shape (23,) ([V], the rows of weight), got (3,)", hidden, weight, targets,
+             bias=bias[:3])
+    _refused(TypeError, "targets: expected an int64 torch.Tensor, got torch.int32", hidden, weight, targets.int())
+    _refused(TypeError, "targets: expected an int64 torch.Tensor, got list", hidden, weight, [1, 2, 3, 4])
+    _refused(ValueError, "targets: expected shape (4,) (the leading shape of hidden), got (3,)", hidden, weight,
+             targets[:3])
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_a_target_equal_to_v_is_refused_with_its_value(rows):
+    # V itself is the first value out of range; one bad target among `rows` (a single row is checked too).
+    hidden, weight, bias, _ = _inputs()
+    targets = torch.tensor([1, 2, 23, 5][:rows] if rows > 1 else [23])
+    _refused(ValueError, "targets: expected values in [0, 23) or ignore_index=-100, got 23", hidden[:rows], weight,
+             targets)
+
+
+@pytest.mark.parametrize("name", ["weight", "bias", "targets"])
+def test_an_input_on_another_device_is_refused_by_name(name):
+    # meta stands in for a GPU: each of weight, bias and targets must be on hidden's device.
+    hidden, weight, bias, targets = _inputs()
+    args = dict(weight=weight, bias=bias, targets=targets)
+    args[name] = args[name].to("meta")
+    _refused(ValueError, f"{name}: expected a tensor on cpu like hidden, got meta", hidden, args["weight"],
+             args["targets"], bias=args["bias"])

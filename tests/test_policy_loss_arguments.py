@@ -75,3 +75,16 @@ def test_runs_inside_torch_compile_with_one_graph_break():
     loss, *_ = reference.policy_loss(z64 * 1.5, *args, config=config)
     (loss * 2.0).backward()
     assert_close_to_reference(compiled_z.grad, z64.grad, dtype=torch.float32, kind="grad", name="compiled grad")
+
+
+def test_without_a_backend_the_default_is_auto():
+    # "auto" on a CPU tensor: the native backend when it builds, else torch (with a warning).
+    g = torch.Generator().manual_seed(91)
+    logits = torch.randn(2, 4, 30, generator=g)
+    targets = torch.randint(0, 30, (2, 4), generator=g)
+    old, adv = torch.full((2, 4), -3.0), torch.randn(2, generator=g)
+    implicit = fk.policy_loss(logits, targets, old, adv)
+    explicit = fk.policy_loss(logits, targets, old, adv, backend="auto")
+    assert torch.equal(implicit.loss, explicit.loss) and torch.equal(implicit.logprobs, explicit.logprobs)
+    logp, entropy = fk.token_logprobs(logits, targets)
+    assert torch.equal(logp, fk.token_logprobs(logits, targets, backend="auto")[0])
