@@ -1,0 +1,80 @@
+"""policy_loss passes every argument where it belongs: the backend asked for runs, backend="reference"
+gets every option, the checks see ignore_index, is_weights and the normalizer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastrl_kernels as fk
+from fastrl_kernels import native, reference, torch_backend
+from tests.backends_under_test import cpu_fused_backends
+
+BACKENDS = cpu_fused_backends()
+EVERY_OPTION = dict(loss_type="clip", clip_eps_low=0.1, clip_eps_high=0.3, kl_coef=0.05, kl_estimator="k1",
+                    entropy_coef=0.02, loss_agg="seq-mean-token-sum", temperature=0.8)
+
+
+def _batch(b=3, t=3, v=31, seed=95, ignore_index=-100):
+    g = torch.Generator().manual_seed(seed)
+    logits = 3 * torch.randn(b, t, v, generator=g)
+    targets = torch.randint(0, v, (b, t), generator=g)
+    targets[0, 2] = ignore_index
+    old = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1) \
+        + 0.3 * torch.randn(b, t, generator=g)
+    mask = torch.ones(b, t)
+    mask[1, 0] = 0
+    return dict(logits=logits, targets=targets, old=old, adv=torch.randn(b, generator=g), mask=mask,
+                ref=old - 0.2, is_weights=torch.rand(b, t, generator=g) + 0.5)
+
+
+def test_the_reference_route_gets_every_option():
+    x = _batch(ignore_index=-1)
+    options = dict(ref_logprobs=x["ref"], normalizer=7.0, is_weights=x["is_weights"], ignore_index=-1,
+                   logit_scale=0.7, softcap=4.0, **EVERY_OPTION)
+    out = fk.policy_loss(x["logits"], x["targets"], x["old"], x["adv"], x["mask"], backend="reference", **options)
+    loss, logp, entropy, metrics = reference.policy_loss(x["logits"].double(), x["targets"], x["old"], x["adv"],
+                                                         x["mask"], **options)
+    torch.testing.assert_close(out.loss, loss.float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.logprobs, logp.float(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out.entropy, entropy.float(), rtol=1e-6, atol=1e-7)
+    assert set(out.metrics) == set(metrics)
+    for name, value in metrics.items():
+        torch.testing.assert_close(out.metrics[name], value.float(), rtol=1e-6, atol=1e-7)
+    # every option changes this loss: dropping any one of them would be seen
+    for name, plain in [("ref_logprobs", None), ("normalizer", None), ("is_weights", None), ("logit_scale", 1.0),
+                        ("softcap", None), ("mask", None)]:
+        changed = {**options, name: plain} if name != "mask" else options
+        mask = None if name == "mask" else x["mask"]
+        if name == "ref_logprobs":
+            changed["kl_coef"] = 0.0
+        other, _, _, _ = reference.policy_loss(x["logits"].double(), x["targets"], x["old"], x["adv"], mask, **changed)
+        assert not math.isclose(other.item(), loss.item(), rel_tol=1e-6), name
+
+
+@pytest.mark.parametrize("asked", BACKENDS)
+def test_the_backend_asked_for_runs(asked, monkeypatch):
+    calls = []
+    for name, module in (("torch", torch_backend), ("native", native)):
+        for primitive in ("stats", "grad"):
+            original = getattr(module, primitive)
+            monkeypatch.setattr(module, primitive,
+                                lambda *a, _o=original, _n=name, **k: calls.append(_n) or _o(*a, **k))
+    x = _batch()
+    leaf = x["logits"].clone().requires_grad_(True)
+    fk.policy_loss(leaf, x["targets"], x["old"], x["adv"], x["mask"], backend=asked).loss.backward()
+    assert calls and set(calls) == {asked}
+
+
+def test_the_checks_see_ignore_index_is_weights_and_the_normalizer():
+    x = _batch(ignore_index=-1)
+    out = fk.policy_loss(x["logits"], x["targets"], x["old"], x["adv"], x["mask"], ignore_index=-1, backend="torch")
+    assert torch.isfinite(out.loss)  # -1 targets accepted as ignore_index
+    with pytest.raises(ValueError, match="^is_weights: "):
+        fk.policy_loss(x["logits"], x["targets"].clamp(min=0), x["old"], x["adv"], x["mask"],
+                       is_weights=x["is_weights"][:, :2], backend="torch")
+    with pytest.raises(ValueError, match="^normalizer: "):
+        fk.policy_loss(x["logits"], x["targets"].clamp(min=0), x["old"], x["adv"], x["mask"], normalizer=float("nan"),
+                       backend="torch")
