@@ -78,3 +78,45 @@ def test_the_checks_see_ignore_index_is_weights_and_the_normalizer():
     with pytest.raises(ValueError, match="^normalizer: "):
         fk.policy_loss(x["logits"], x["targets"].clamp(min=0), x["old"], x["adv"], x["mask"], normalizer=float("nan"),
                        backend="torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logits_strided_along_the_vocabulary_give_the_contiguous_results(backend):
+    # Every other column of a wider tensor: rows of stride 2 in V, which the kernels read as a contiguous copy.
+    x = _batch()
+    wide = torch.randn(3, 3, 62, generator=torch.Generator().manual_seed(96))
+    wide[..., ::2] = x["logits"]
+    strided = wide[..., ::2]
+    assert strided.stride(-1) == 2
+    results = []
+    for logits in (strided, strided.contiguous()):
+        leaf = logits.detach().clone() if logits.is_contiguous() else wide.clone()[..., ::2]
+        leaf.requires_grad_(True)
+        out = fk.policy_loss(leaf, x["targets"].clamp(min=0), x["old"], x["adv"], x["mask"], backend=backend,
+                             kl_coef=0.05, ref_logprobs=x["ref"])
+        (grad,) = torch.autograd.grad(out.loss, leaf)
+        dpo = fk.fused_dpo_loss(leaf.detach()[:2], x["targets"].clamp(min=0)[:2], None, torch.zeros(1),
+                                torch.zeros(1), backend=backend)
+        results.append((out.loss, out.logprobs, grad, dpo.loss))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_in_place_gradient_lands_in_logits_whose_rows_are_strided(backend):
+    # The first 31 columns of a wider tensor: unit stride along V, rows 62 apart; no copy is needed, so
+    # inplace_grad writes the gradient into the caller's tensor itself.
+    x = _batch()
+    wide = torch.zeros(3, 3, 62)
+    wide[..., :31] = x["logits"]
+    view = wide[..., :31]
+    kwargs = dict(backend=backend, kl_coef=0.05, ref_logprobs=x["ref"])
+    leaf = x["logits"].clone().requires_grad_(True)
+    out = fk.policy_loss(leaf, x["targets"].clamp(min=0), x["old"], x["adv"], x["mask"], **kwargs)
+    (expected,) = torch.autograd.grad(out.loss, leaf)
+    view.requires_grad_(True)
+    out = fk.policy_loss(view, x["targets"].clamp(min=0), x["old"], x["adv"], x["mask"], inplace_grad=True, **kwargs)
+    (grad,) = torch.autograd.grad(out.loss, view)
+    torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(wide[..., :31], expected, rtol=1e-6, atol=1e-8)  # written over the logits
+    assert torch.equal(wide[..., 31:], torch.zeros(3, 3, 31))

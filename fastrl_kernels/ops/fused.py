@@ -41,9 +41,9 @@ def fused_logits_loss(
     loss_inputs: tuple = (),
     *,
     params: CoreParams,
-    backend: str = "auto",
-    inplace_grad: bool = False,
-    with_log_sum_p2: bool = False,
+    backend: str,
+    inplace_grad: bool,
+    with_log_sum_p2: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """A scalar loss of per-token (logp, entropy) of ``logits [N, V]``.
 

@@ -145,7 +145,7 @@ def policy_loss(
     loss, logp, entropy, metrics = fused_logits_loss(
         rows, flat_targets, loss_fn,
         (as_bt(old_logprobs), adv, float_mask.reshape(shape), as_bt(ref_logprobs), as_bt(is_weights), normalizer),
-        params=params, backend=backend, inplace_grad=inplace_grad,
+        params=params, backend=backend, inplace_grad=inplace_grad, with_log_sum_p2=False,
     )
     return PolicyLossOutput(loss, logp.view(leading), entropy.view(leading), metrics)
 
