@@ -120,3 +120,18 @@ def test_in_place_gradient_lands_in_logits_whose_rows_are_strided(backend):
     torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(wide[..., :31], expected, rtol=1e-6, atol=1e-8)  # written over the logits
     assert torch.equal(wide[..., 31:], torch.zeros(3, 3, 31))
+
+
+def test_shape_errors_name_the_tensor_and_the_shapes_it_may_have():
+    x = _batch()
+    targets = x["targets"].clamp(min=0)
+    with pytest.raises(ValueError, match=r"^ref_logprobs: expected shape \(3, 3\)"):
+        fk.policy_loss(x["logits"], targets, x["old"], x["adv"], x["mask"], ref_logprobs=x["ref"][:, :2],
+                       backend="torch")
+    with pytest.raises(ValueError, match=r"^advantages: expected shape \(3, 3\) per token or \(3,\) per sequence, "
+                                         r"got \(2,\)$"):
+        fk.policy_loss(x["logits"], targets, x["old"], x["adv"][:2], x["mask"], backend="torch")
+    # flat tokens [N, V]: no sequences, so per token only
+    with pytest.raises(ValueError, match=r"^advantages: expected shape \(9,\) per token, got \(3,\)$"):
+        fk.policy_loss(x["logits"].reshape(9, 31), targets.reshape(9), x["old"].reshape(9), x["adv"], None,
+                       backend="torch")
