@@ -125,7 +125,8 @@ def test_in_place_gradient_lands_in_logits_whose_rows_are_strided(backend):
 def test_shape_errors_name_the_tensor_and_the_shapes_it_may_have():
     x = _batch()
     targets = x["targets"].clamp(min=0)
-    with pytest.raises(ValueError, match=r"^ref_logprobs: expected shape \(3, 3\)"):
+    with pytest.raises(ValueError, match=r"^ref_logprobs: expected shape \(3, 3\) \(the leading shape of logits\), "
+                                         r"got \(3, 2\)$"):
         fk.policy_loss(x["logits"], targets, x["old"], x["adv"], x["mask"], ref_logprobs=x["ref"][:, :2],
                        backend="torch")
     with pytest.raises(ValueError, match=r"^advantages: expected shape \(3, 3\) per token or \(3,\) per sequence, "
