@@ -272,23 +272,15 @@ def _assert_same_results(got, expected):
     assert set(metrics) == set(metrics0)
 
 
+@pytest.mark.parametrize("default", ["float64_default", "meta_default_device"])
 @pytest.mark.parametrize("config, with_ref", _configs(), ids=[f"{c.loss_type}-{'ref' if r else 'noref'}"
                                                                for c, r in _configs()])
-def test_from_logprobs_ignores_the_default_dtype(config, with_ref, request):
-    """float32 inputs under torch.set_default_dtype(float64): the same float32 loss, metrics and gradient."""
+def test_from_logprobs_ignores_the_default_dtype_and_device(config, with_ref, default, request):
+    """float32 CPU inputs under torch.set_default_dtype(float64) or another default device: the same float32
+    loss, metrics and gradient, every result on the inputs' device."""
     case = _case(7)
     expected = _results(case, config, with_ref)
-    request.getfixturevalue("float64_default")
-    _assert_same_results(_results(case, config, with_ref), expected)
-
-
-@pytest.mark.parametrize("config, with_ref", _configs(), ids=[f"{c.loss_type}-{'ref' if r else 'noref'}"
-                                                               for c, r in _configs()])
-def test_from_logprobs_keeps_everything_on_the_inputs_device(config, with_ref, request):
-    """CPU inputs under another default device: every result stays on the CPU with the same values."""
-    case = _case(8)
-    expected = _results(case, config, with_ref)
-    request.getfixturevalue("meta_default_device")
+    request.getfixturevalue(default)
     _assert_same_results(_results(case, config, with_ref), expected)
 
 
