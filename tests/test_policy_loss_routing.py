@@ -136,3 +136,23 @@ def test_shape_errors_name_the_tensor_and_the_shapes_it_may_have():
     with pytest.raises(ValueError, match=r"^advantages: expected shape \(9,\) per token, got \(3,\)$"):
         fk.policy_loss(x["logits"].reshape(9, 31), targets.reshape(9), x["old"].reshape(9), x["adv"], None,
                        backend="torch")
+
+
+def test_advantages_of_a_wrong_dtype_or_device_are_refused_by_name():
+    x = _batch()
+    targets = x["targets"].clamp(min=0)
+    with pytest.raises(TypeError, match=r"^advantages: expected dtype in .*, got torch\.int64$"):
+        fk.policy_loss(x["logits"], targets, x["old"], x["adv"].long(), x["mask"], backend="torch")
+    with pytest.raises(ValueError, match=r"^advantages: expected a tensor on cpu like logits, got meta$"):
+        fk.policy_loss(x["logits"], targets, x["old"], x["adv"].to("meta"), x["mask"], backend="torch")
+
+
+def test_device_errors_name_the_tensor_to_follow_on_every_entry_point():
+    # logits for policy_loss, logp for policy_loss_from_logprobs, hidden for linear_policy_loss
+    x = _batch()
+    meta_adv = x["adv"].to("meta")
+    with pytest.raises(ValueError, match=r"like logp, got meta$"):
+        fk.policy_loss_from_logprobs(x["old"], None, x["old"], meta_adv, x["mask"], entropy_mode="sampled")
+    hidden, weight = torch.randn(3, 3, 5), torch.randn(31, 5)
+    with pytest.raises(ValueError, match=r"like hidden, got meta$"):
+        fk.linear_policy_loss(hidden, weight, x["targets"].clamp(min=0), x["old"], meta_adv, backend="torch")

@@ -43,10 +43,10 @@ def _check_policy_inputs(logits, targets, old_logprobs, advantages, ref_logprobs
     is the token shape ``[B, T]`` or ``[N]``, ``logits`` the tensor whose device the others must share."""
     leading = tuple(logits.shape[:-1]) if leading is None else tuple(leading)
     batch = leading[0] if len(leading) == 2 else None
-    for name, tensor in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs), ("is_weights", is_weights)):
+    for arg, tensor in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs), ("is_weights", is_weights)):
         if tensor is not None:
-            check_float_tensor(name, tensor)
-            check_shape(name, tensor, leading, "the leading shape of logits")
+            check_float_tensor(arg, tensor)
+            check_shape(arg, tensor, leading, "the leading shape of logits")
     check_float_tensor("advantages", advantages)
     if batch is not None and tuple(advantages.shape) == (batch,):
         pass
