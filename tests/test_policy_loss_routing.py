@@ -156,3 +156,14 @@ def test_device_errors_name_the_tensor_to_follow_on_every_entry_point():
     hidden, weight = torch.randn(3, 3, 5), torch.randn(31, 5)
     with pytest.raises(ValueError, match=r"like hidden, got meta$"):
         fk.linear_policy_loss(hidden, weight, x["targets"].clamp(min=0), x["old"], meta_adv, backend="torch")
+
+
+@pytest.mark.parametrize("name", ["old_logprobs", "ref_logprobs", "is_weights", "normalizer"])
+def test_each_loss_input_on_another_device_is_refused_by_name(name):
+    x = _batch()
+    args = dict(old_logprobs=x["old"], ref_logprobs=x["ref"], is_weights=x["is_weights"], normalizer=torch.tensor(7.0))
+    args[name] = args[name].to("meta")
+    with pytest.raises(ValueError, match=rf"^{name}: expected a tensor on cpu like logits, got meta$"):
+        fk.policy_loss(x["logits"], x["targets"].clamp(min=0), args["old_logprobs"], x["adv"], x["mask"],
+                       ref_logprobs=args["ref_logprobs"], is_weights=args["is_weights"], normalizer=args["normalizer"],
+                       backend="torch")
