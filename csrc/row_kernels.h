@@ -80,8 +80,8 @@ inline float scalar_v(float z, const Transform& tr) {
   return S::lane0(clamped_v<S, SOFTCAP>(S::set1(z), tr));  // bit-identical to the same element in a sweep
 }
 
-template <class S, bool SOFTCAP, bool WITH_Q, class T>
 // `next`: the row processed after this one (or nullptr); its start is prefetched during the last block.
+template <class S, bool SOFTCAP, bool WITH_Q, class T>
 RowSums row_sums(const T* z, int64_t V_, const Transform& tr, const T* next = nullptr) {
   using V = typename S::V;
   constexpr int W = S::W;
@@ -172,7 +172,8 @@ RowStatsOut row_stats(const T* z, int64_t V_, int64_t y, const Transform& tr, co
   o.logp = static_cast<float>(d_y - log_s);
   // A target at a -inf logit (a masked vocabulary entry) has probability 0: logp = -inf, not the
   // clamped frame's -1e30. Under softcap a -inf logit is the finite -c.
-  if (!SOFTCAP && static_cast<float>(z[y]) == -std::numeric_limits<float>::infinity()) o.logp = -std::numeric_limits<float>::infinity();
+  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+  if (!SOFTCAP && static_cast<float>(z[y]) == neg_inf) o.logp = neg_inf;
   o.entropy = static_cast<float>(log_s - mean_d);
   o.lse = frame + log_s;
   o.mean_x = frame + mean_d;

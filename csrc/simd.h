@@ -2,7 +2,8 @@
 //
 // The build picks one struct at compile time (`Simd`): AVX-512F when the compiler targets it (on top of
 // AVX2+FMA+F16C), else AVX2+FMA+F16C, else plain scalar code. The loader passes the -m flags only on a
-// CPU that has them and caches each build under its own name. exp and tanh are written once, on top of these operations.
+// CPU that has them and caches each build under its own name. exp and tanh are written once, on top of
+// these operations.
 //
 // NaN convention of max/min: `max(a, b)` returns b when either is NaN (as the x86 instructions do), so
 // `max(constant, x)` lets a NaN in x through.
@@ -211,7 +212,9 @@ struct Avx512Simd {
   // vmaxps/vminps: the second operand when either is NaN, as in the AVX2 build.
   static V max(V a, V b) { return _mm512_max_ps(a, b); }
   static V min(V a, V b) { return _mm512_min_ps(a, b); }
-  static V abs(V a) { return _mm512_castsi512_ps(_mm512_and_epi32(_mm512_castps_si512(a), _mm512_set1_epi32(0x7FFFFFFF))); }
+  static V abs(V a) {
+    return _mm512_castsi512_ps(_mm512_and_epi32(_mm512_castps_si512(a), _mm512_set1_epi32(0x7FFFFFFF)));
+  }
   static V copysign(V mag, V sign) {
     const __m512i s = _mm512_set1_epi32(static_cast<int>(0x80000000u));
     return _mm512_castsi512_ps(_mm512_or_epi32(_mm512_andnot_epi32(s, _mm512_castps_si512(mag)),

@@ -35,7 +35,9 @@ _SOURCES = ("native.cpp",)
 _HEADERS = ("row_kernels.h", "simd.h")
 _AVX2_FLAGS = ("avx2", "fma", "f16c")
 _AVX512_FLAGS = _AVX2_FLAGS + ("avx512f",)
-ISAS = ("avx512", "avx2", "generic")  # widest first
+# Each build and the CPU flags it needs, widest first.
+_ISA_FLAGS = {"avx512": _AVX512_FLAGS, "avx2": _AVX2_FLAGS, "generic": ()}
+ISAS = tuple(_ISA_FLAGS)
 
 _lock = threading.Lock()
 _module: Optional[ModuleType] = None
@@ -62,6 +64,12 @@ def _cpu_flags() -> set:
     return set()
 
 
+def supported_isas() -> tuple:
+    """The builds this CPU can run, widest first (always ends with "generic")."""
+    flags = _cpu_flags()
+    return tuple(name for name, needs in _ISA_FLAGS.items() if set(needs) <= flags)
+
+
 def isa() -> str:
     """The instruction set to build for: "avx512" when the CPU has AVX-512F besides AVX2, FMA and F16C,
     "avx2" when it has those three, else "generic".
@@ -74,10 +82,7 @@ def isa() -> str:
         if forced not in ISAS:
             raise ValueError(f"FASTRL_NATIVE_ISA: expected one of {', '.join(ISAS)}, got {forced!r}")
         return forced
-    flags = _cpu_flags()
-    if set(_AVX512_FLAGS) <= flags:
-        return "avx512"
-    return "avx2" if set(_AVX2_FLAGS) <= flags else "generic"
+    return supported_isas()[0]
 
 
 def _source_bytes(src: Path) -> dict:

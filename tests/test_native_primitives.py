@@ -304,19 +304,13 @@ _NUMERIC_TESTS = " or ".join([
 ])
 
 
-def _supported(isa: str) -> bool:
-    flags = native._cpu_flags()
-    needs = {"generic": set(), "avx2": set(native._AVX2_FLAGS), "avx512": set(native._AVX512_FLAGS)}[isa]
-    return needs <= flags
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("isa", native.ISAS)
 def test_every_build_the_cpu_runs_matches_reference(isa, monkeypatch):
     # The default run tests the widest build the CPU has; the narrower ones (the scalar build of CPUs
     # without AVX2, the AVX2 build of CPUs without AVX-512) get the same numeric tests here.
     monkeypatch.delenv("FASTRL_NATIVE_ISA", raising=False)
-    if not _supported(isa):
+    if isa not in native.supported_isas():
         pytest.skip(f"this CPU cannot run the {isa} build")
     if isa == native.isa():
         pytest.skip(f"{isa} is this CPU's default build, which the rest of this file tests")

@@ -38,6 +38,12 @@ def f_divergence_scores(logratios: torch.Tensor, f_divergence: str, f_alpha: flo
     raise ValueError(f"f_divergence: unknown {f_divergence!r}")
 
 
+def check_pair_weights(chosen_weights: Optional[torch.Tensor], rejected_weights: Optional[torch.Tensor]) -> None:
+    """WPO pair weights come together: a product of one of them with a missing other is no weight."""
+    if (chosen_weights is None) != (rejected_weights is None):
+        raise ValueError("chosen_weights / rejected_weights: expected both [B] tensors or neither, got one")
+
+
 def dpo_pair_losses(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -64,8 +70,7 @@ def dpo_pair_losses(
         term = pair_loss(name, terms, config)
         term = term if weight == 1.0 else weight * term
         losses = term if losses is None else losses + term
-    if (chosen_weights is None) != (rejected_weights is None):
-        raise ValueError("chosen_weights / rejected_weights: expected both [B] tensors or neither, got one")
+    check_pair_weights(chosen_weights, rejected_weights)
     if chosen_weights is not None:
         losses = losses * (chosen_weights.to(dtype) * rejected_weights.to(dtype)).detach()
     return losses, (config.beta * u_c).detach(), (config.beta * u_r).detach()

@@ -29,7 +29,6 @@ TokenTerm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], torch.Tens
 class PolicyLossType:
     ratio: str
     term: TokenTerm
-    summary: str  # one line for the docs and error messages
 
     @property
     def separable(self) -> bool:
@@ -67,14 +66,14 @@ def gpg_term(logp: torch.Tensor, ratio: torch.Tensor, adv: torch.Tensor, cfg: An
     return -adv * logp
 
 
+# The formulas of each term: docs/design.md, "The loss math".
 POLICY_LOSSES: dict[str, PolicyLossType] = {
-    "clip": PolicyLossType("token", clipped_surrogate, "PPO's clipped surrogate (delta cap, dual clip)"),
-    "gspo": PolicyLossType("sequence", clipped_surrogate, "the clipped surrogate on GSPO's sequence ratio"),
-    "gspo_token": PolicyLossType("sequence_token", clipped_surrogate,
-                                 "GSPO's sequence ratio with per-token gradients"),
-    "cispo": PolicyLossType("token", cispo_term, "-sg(clip(r)) A logp"),
-    "sapo": PolicyLossType("token", sapo_term, "a sigmoid gate on r - 1 with temperatures by the sign of A"),
-    "gpg": PolicyLossType("token", gpg_term, "-A logp: the policy gradient without ratio or clip (verl's gpg)"),
+    "clip": PolicyLossType("token", clipped_surrogate),  # PPO's clipped surrogate (delta cap, dual clip)
+    "gspo": PolicyLossType("sequence", clipped_surrogate),
+    "gspo_token": PolicyLossType("sequence_token", clipped_surrogate),
+    "cispo": PolicyLossType("token", cispo_term),
+    "sapo": PolicyLossType("token", sapo_term),
+    "gpg": PolicyLossType("token", gpg_term),  # the policy gradient itself, no ratio or clip (verl's gpg)
 }
 
 

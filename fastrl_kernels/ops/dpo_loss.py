@@ -24,7 +24,7 @@ from ..config import (
     check_shape,
     resolve_config,
 )
-from ..losses.dpo import dpo_metrics, dpo_pair_losses, fused_dpo_objective, pair_mean
+from ..losses.dpo import check_pair_weights, dpo_metrics, dpo_pair_losses, fused_dpo_objective, pair_mean
 from .fused import fused_logits_loss, refuse_shared_storage
 from .logprobs import core_params
 
@@ -87,8 +87,7 @@ def dpo_loss(
     _check_pair_tensors(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
                         ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
                         chosen_weights=chosen_weights, rejected_weights=rejected_weights)
-    if (chosen_weights is None) != (rejected_weights is None):
-        raise ValueError("chosen_weights / rejected_weights: expected both [B] tensors or neither, got one")
+    check_pair_weights(chosen_weights, rejected_weights)
     if cfg.use_weighting and chosen_weights is None:
         raise ValueError("use_weighting=True: expected chosen_weights and rejected_weights ([B] WPO weights); "
                          "fused_dpo_loss computes them from the logits")
