@@ -137,34 +137,25 @@ def test_dpo_under_no_grad_equals_the_grad_mode_values(backend, use_weighting):
         assert not torch.allclose(without.loss, plain.loss)
 
 
+# A reference tensor of the wrong shape, of a wrong dtype, or not on hidden's device (meta stands in for
+# a GPU) is refused with its name.
+BAD_REFERENCE_LOGPS = {
+    "shape": (lambda t: torch.zeros(3), ValueError,
+              lambda name: f"^{re.escape(f'{name}: expected shape (2,) ([B], half the rows of hidden), got (3,)')}$"),
+    "dtype": (lambda t: torch.zeros(2, dtype=torch.int64), TypeError,
+              lambda name: rf"^{name}: expected dtype in .*got torch\.int64$"),
+    "device": (lambda t: t.to("meta"), ValueError,
+               lambda name: f"^{re.escape(f'{name}: expected a tensor on cpu like hidden, got meta')}$"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_REFERENCE_LOGPS))
 @pytest.mark.parametrize("name", ["ref_chosen_logps", "ref_rejected_logps"])
-def test_dpo_reference_logps_of_the_wrong_shape_are_refused_by_name(name):
+def test_dpo_reference_logps_that_do_not_fit_are_refused_by_name(name, bad):
+    make, error, pattern = BAD_REFERENCE_LOGPS[bad]
     hidden, weight, targets, ref_c, ref_r = _dpo_inputs()
     refs = dict(ref_chosen_logps=ref_c, ref_rejected_logps=ref_r)
-    refs[name] = torch.zeros(3)
-    message = f"{name}: expected shape (2,) ([B], half the rows of hidden), got (3,)"
-    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
-        fk.linear_dpo_loss(hidden, weight, targets, None, refs["ref_chosen_logps"], refs["ref_rejected_logps"],
-                           backend="torch")
-
-
-@pytest.mark.parametrize("name", ["ref_chosen_logps", "ref_rejected_logps"])
-def test_dpo_reference_logps_of_a_wrong_dtype_are_refused_by_name(name):
-    hidden, weight, targets, ref_c, ref_r = _dpo_inputs()
-    refs = dict(ref_chosen_logps=ref_c, ref_rejected_logps=ref_r)
-    refs[name] = torch.zeros(2, dtype=torch.int64)
-    with pytest.raises(TypeError, match=rf"^{name}: expected dtype in .*got torch\.int64$"):
-        fk.linear_dpo_loss(hidden, weight, targets, None, refs["ref_chosen_logps"], refs["ref_rejected_logps"],
-                           backend="torch")
-
-
-@pytest.mark.parametrize("name", ["ref_chosen_logps", "ref_rejected_logps"])
-def test_dpo_reference_logps_on_another_device_are_refused_by_name(name):
-    # The meta device stands in for a GPU: a reference tensor not on hidden's device is refused.
-    hidden, weight, targets, ref_c, ref_r = _dpo_inputs()
-    refs = dict(ref_chosen_logps=ref_c, ref_rejected_logps=ref_r)
-    refs[name] = refs[name].to("meta")
-    message = f"{name}: expected a tensor on cpu like hidden, got meta"
-    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+    refs[name] = make(refs[name])
+    with pytest.raises(error, match=pattern(name)):
         fk.linear_dpo_loss(hidden, weight, targets, None, refs["ref_chosen_logps"], refs["ref_rejected_logps"],
                            backend="torch")
