@@ -10,7 +10,10 @@ Sections (each appends one JSON record per check to OUT.jsonl the moment it is k
   no_sync_step    a whole training step (model forward, policy loss, backward, optimizer step) under
                   torch.cuda.set_sync_debug_mode("error"): any host synchronisation raises;
   breakdown       CUDA-event times at N = 8192, V = 151936 bf16: stats, grad, stats + grad, the policy
-                  loss forward and forward + backward, and the kernels a step launches.
+                  loss forward and forward + backward (and in place), peak extra memory, and the kernels
+                  a step launches;
+  lm_head         linear_policy_loss at H = 4096, V = 128256, N = 8192 bf16 against the three bare GEMMs
+                  and naive PyTorch's time and peak memory.
 ``--dry-run`` runs the first three on CPU under TRITON_INTERPRET=1 at tiny shapes, so the script is
 exercised by the CPU test suite (tests/test_gpu_run.py) and cannot rot.
 """
@@ -259,7 +262,16 @@ def breakdown(rec: Recorder, device: str, dry: bool) -> None:
 
     fwd_bwd = _events_ms(step)
     rec(check="policy_loss N=8192 V=151936 bf16, 40% masked", ok=True, fwd_ms=_events_ms(forward),
-        fwd_bwd_ms=fwd_bwd, three_pass_floor_GBps_equiv=3 * gb / (fwd_bwd / 1e3))
+        fwd_bwd_ms=fwd_bwd, three_pass_floor_GBps_equiv=3 * gb / (fwd_bwd / 1e3),
+        peak_extra_gb=_peak_extra_gb(step), logits_gb=gb)
+    work = logits.detach().clone().requires_grad_(True)  # overwritten by its gradient at every step
+
+    def inplace_step():
+        fk.policy_loss(work, targets, old, adv, mask, inplace_grad=True, **kw).loss.backward()
+        work.grad = None
+
+    rec(check="policy_loss inplace_grad N=8192 V=151936 bf16", ok=True, fwd_bwd_ms=_events_ms(inplace_step),
+        peak_extra_gb=_peak_extra_gb(inplace_step))
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -272,7 +284,63 @@ def breakdown(rec: Recorder, device: str, dry: bool) -> None:
         rest_ms=round(sum(us for _, us in kernels[6:]) / 1e3, 3))
 
 
-SECTIONS = {"rows_past_2_31": rows_past_2_31, "ops": ops, "no_sync_step": no_sync_step, "breakdown": breakdown}
+def _peak_extra_gb(fn) -> float:
+    """Peak bytes ``fn`` allocates beyond what is live when it starts, in GB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 1e9
+
+
+def _three_gemms_ms(hidden, weight) -> float:
+    """logits = h W^T, dL/dh = G W, dL/dW = G^T h: the matrix work any lm_head step does."""
+    upstream = torch.randn(hidden.shape[0], weight.shape[0], device=hidden.device).to(hidden.dtype)
+    return _events_ms(lambda: (hidden @ weight.T, upstream @ weight, upstream.T @ hidden), repeats=5)
+
+
+def lm_head(rec: Recorder, device: str, dry: bool) -> None:
+    """The lm_head path at the Llama-3-8B head (H = 4096, V = 128256, N = 8192 bf16) against the three
+    bare GEMMs a step needs (logits, dL/dh, dL/dW) and against naive PyTorch's peak memory."""
+    import fastrl_kernels as fk
+
+    if device != "cuda":
+        rec(check="lm_head", ok=True, skipped="times need CUDA events")
+        return
+    b, t, h, v = 16, 512, 4096, 128256
+    g = torch.Generator(device=device).manual_seed(2)
+    hidden = torch.randn(b * t, h, device=device, generator=g).to(torch.bfloat16)
+    weight = (torch.randn(v, h, device=device, generator=g) / h**0.5).to(torch.bfloat16)
+    targets = torch.randint(0, v, (b, t), device=device, generator=g)
+    mask = torch.rand(b, t, device=device, generator=g) > 0.4
+    old = -torch.rand(b, t, device=device, generator=g) * 12
+    adv = torch.randn(b, device=device, generator=g)
+    gemms = _three_gemms_ms(hidden, weight)
+    hl, wl = hidden.view(b, t, h).detach().requires_grad_(True), weight.detach().requires_grad_(True)
+
+    def ours():
+        fk.linear_policy_loss(hl, wl, targets, old, adv, mask, backend="triton").loss.backward()
+        hl.grad = wl.grad = None
+
+    def naive():
+        logits = (hl @ wl.T).float()
+        logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
+        ratio = torch.exp(logp - old)
+        a = adv[:, None]
+        loss = -torch.minimum(ratio * a, ratio.clamp(0.8, 1.2) * a)
+        (loss * mask).sum().div(mask.sum()).backward()
+        hl.grad = wl.grad = None
+
+    ours_ms = _events_ms(ours, warmup=2, repeats=5)
+    rec(check="lm_head H=4096 V=128256 N=8192 bf16, 40% masked", ok=True, device=torch.cuda.get_device_name(),
+        three_gemms_ms=gemms, linear_policy_loss_fwd_bwd_ms=ours_ms, ratio_to_gemms=ours_ms / gemms,
+        peak_extra_gb_ours=_peak_extra_gb(ours), peak_extra_gb_naive=_peak_extra_gb(naive),
+        naive_fwd_bwd_ms=_events_ms(naive, warmup=1, repeats=3))
+
+
+SECTIONS = {"rows_past_2_31": rows_past_2_31, "ops": ops, "no_sync_step": no_sync_step, "breakdown": breakdown,
+            "lm_head": lm_head}
 
 
 def main(argv=None) -> int:
