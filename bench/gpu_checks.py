@@ -108,10 +108,13 @@ def _policy_inputs(b, t, v, dtype, device, seed=0):
     return logits, targets, mask, old, ref, adv
 
 
-def _run_both(rec: Recorder, name: str, dtype, leaves: dict, call, outputs) -> None:
+def _run_both(rec: Recorder, name: str, dtype, leaves: dict, call, outputs, expected_outputs=None) -> None:
     """Run ``call(backend, **tensors)`` on "triton" and "reference" (float64 copies), backward through
     the first of ``outputs(result)`` (all of them for per-token outputs: ``outputs`` returns them
-    summed first), and compare the outputs and every leaf's gradient."""
+    summed first), and compare the outputs and every leaf's gradient. ``expected_outputs()``, where
+    given, is what the outputs are held to instead of the reference's (an lm_head op in half
+    precision sees its logits rounded to that precision, so its values are held to the reference on
+    those rounded logits, as the CPU tests do)."""
     got, want = {}, {}
     for backend, store in (("triton", got), ("reference", want)):
         wide = backend == "reference"
@@ -125,6 +128,8 @@ def _run_both(rec: Recorder, name: str, dtype, leaves: dict, call, outputs) -> N
         values[0].backward()
         store["values"] = [v.detach() for v in values if v is not None]
         store["grads"] = {k: t.grad for k, t in tensors.items() if t.is_floating_point() and t.grad is not None}
+    if expected_outputs is not None:
+        want["values"] = [v.detach() for v in expected_outputs() if v is not None]
     for i, (a, e) in enumerate(zip(got["values"], want["values"])):
         rec.compare(f"{name} output {i}", a, e, dtype=dtype)
     for key, e in want["grads"].items():
@@ -169,17 +174,27 @@ def _ops_in(rec: Recorder, device: str, dry: bool, dtype: torch.dtype) -> None:
     hidden = torch.randn(b, t, h, device=device, generator=g).to(dtype)
     weight = (torch.randn(v, h, device=device, generator=g) / h**0.5).to(dtype)
     chunk = 5 if dry else 96
+    half = dtype != torch.float32
+    rounded = (hidden @ weight.t()).double()  # the logits a half-precision lm_head op sees
+
+    def on_rounded(fn):
+        return (lambda: fn(rounded)) if half else None
+
     _run_both(rec, f"linear_token_logprobs {dtype}", dtype, {"h": hidden, "w": weight},
               lambda backend, h, w: fk.linear_token_logprobs(h, w, targets, backend=backend, chunk_size=chunk),
-              _per_token)
+              _per_token, on_rounded(lambda z: _per_token(fk.token_logprobs(z, targets, backend="reference"))))
     _run_both(rec, f"linear_policy_loss {dtype}", dtype, {"h": hidden, "w": weight},
               lambda backend, h, w: fk.linear_policy_loss(h, w, targets, old, adv, mask, ref_logprobs=ref,
                                                           backend=backend, chunk_size=chunk, **kw),
-              lambda r: [r.loss, r.logprobs, r.entropy])
+              lambda r: [r.loss, r.logprobs, r.entropy],
+              on_rounded(lambda z: (lambda r: [r.loss, r.logprobs, r.entropy])(
+                  fk.policy_loss(z, targets, old, adv, mask, ref_logprobs=ref, backend="reference", **kw))))
     _run_both(rec, f"linear_dpo_loss {dtype}", dtype, {"h": hidden, "w": weight},
               lambda backend, h, w: fk.linear_dpo_loss(h, w, targets, mask, ref_c, ref_r, backend=backend,
                                                        chunk_size=chunk, beta=0.1),
-              lambda r: [r.loss])
+              lambda r: [r.loss],
+              on_rounded(lambda z: [fk.fused_dpo_loss(z, targets, mask, ref_c, ref_r, backend="reference",
+                                                      beta=0.1).loss]))
 
 
 def no_sync_step(rec: Recorder, device: str, dry: bool) -> None:
@@ -339,8 +354,29 @@ def lm_head(rec: Recorder, device: str, dry: bool) -> None:
         naive_fwd_bwd_ms=_events_ms(naive, warmup=1, repeats=3))
 
 
+def kernels_for_profiler(rec: Recorder, device: str, dry: bool) -> None:
+    """The stats and grad kernels at N = 8192, V = 151936 bf16, twice each (stats, grad, stats, grad):
+    the workload ``ncu`` profiles in bench/gpu_run.py (it skips the first pair, which compiles)."""
+    import fastrl_kernels.triton as ft
+    from fastrl_kernels.core import CoreParams
+
+    if device != "cuda":
+        rec(check="kernels_for_profiler", ok=True, skipped="ncu needs CUDA")
+        return
+    logits, targets, *_ = _policy_inputs(16, 512, 151936, torch.bfloat16, device)
+    rows, flat = logits.view(-1, logits.shape[-1]), targets.view(-1)
+    params = CoreParams(temperature=0.7)
+    g = torch.randn(2, rows.shape[0], device=device)
+    out = torch.empty_like(rows)
+    for _ in range(2):
+        st = ft.stats(rows, flat, params)
+        ft.grad(rows, flat, st, g[0], g[1], params, out=out)
+    torch.cuda.synchronize()
+    rec(check="kernels_for_profiler", ok=True)
+
+
 SECTIONS = {"rows_past_2_31": rows_past_2_31, "ops": ops, "no_sync_step": no_sync_step, "breakdown": breakdown,
-            "lm_head": lm_head}
+            "lm_head": lm_head, "kernels_for_profiler": kernels_for_profiler}
 
 
 def main(argv=None) -> int:

@@ -20,7 +20,12 @@ Everything lands in ``OUT/results.jsonl`` (one JSON record per check or measurem
                   naive eager, naive under torch.compile, Liger's GRPO loss;
   policy_suite    fastrl-bench's policy_loss comparison (naive, Liger, ours, ours in place);
   pytest          ``pytest -m triton`` on the device (no interpreter);
-  sweep           alternative launch tiles for the stats kernel.
+  sweep           alternative launch tiles for the stats and the grad kernel;
+  ncu             Nsight Compute's throughput, occupancy and stall sections of one stats and one grad
+                  launch at the target shape (where ``ncu`` is installed).
+
+``--skip STAGE`` (repeatable; ``core`` skips every core case) leaves stages out, e.g. for a second run
+that only checks fixes.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -36,7 +42,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = "8192x151936"
-CORE_CASES = ("fk_stats", "fk_stats_grad", "fk_stats_grad_inplace", "torch_eager", "torch_compile", "liger_grpo")
+CORE_CASES = ("fk_stats", "fk_stats_grad", "fk_stats_grad_inplace", "torch_eager", "torch_compile", "liger_grpo",
+              "liger_grpo_inplace")
+NCU_SECTIONS = ("SpeedOfLight", "MemoryWorkloadAnalysis", "Occupancy", "LaunchStats", "WarpStateStats")
 POLICY_SUITE = """
 import json, sys
 from fastrl_kernels.benchmarks.runner import run_suite
@@ -50,8 +58,8 @@ for row in rows:
 class Run:
     """The output folder, the clock of the whole run and the two files every stage writes to."""
 
-    def __init__(self, out: Path, budget: float, dry_run: bool):
-        self.out, self.budget, self.dry_run = out, budget, dry_run
+    def __init__(self, out: Path, budget: float, dry_run: bool, skip: frozenset = frozenset()):
+        self.out, self.budget, self.dry_run, self.skip = out, budget, dry_run, skip
         self.start = time.time()
         out.mkdir(parents=True, exist_ok=True)
         self.results, self.log = out / "results.jsonl", out / "run.log"
@@ -68,6 +76,9 @@ class Run:
     def stage(self, name: str, command: list, limit: float, env: dict) -> tuple:
         """Run ``command`` as stage ``name`` within ``limit`` seconds (less if the budget is short);
         its output goes to run.log. Returns (returncode or None, output)."""
+        if name in self.skip or name.split(":")[0] in self.skip:
+            self.record(stage=name, status="skipped", reason="--skip")
+            return None, ""
         limit = min(limit, self.left() - 5)
         if limit < 10:
             self.record(stage=name, status="skipped", reason="no time left in the budget")
@@ -153,8 +164,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for results.jsonl and run.log")
     parser.add_argument("--budget", type=float, default=360.0, help="seconds for the whole run (default 360)")
     parser.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shapes, no timings")
+    parser.add_argument("--skip", action="append", default=[], metavar="STAGE", help="leave this stage out")
     args = parser.parse_args(argv)
-    run = Run(args.out, args.budget, args.dry_run)
+    run = Run(args.out, args.budget, args.dry_run, skip=set(args.skip))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"
@@ -193,6 +205,14 @@ def main(argv=None) -> int:
     run.stage("sweep", [python, "bench/gpu_suite.py", "--out", str(folder), "--skip-tests", "--skip-ops", "--cases",
                         "fk_stats", "--shapes", TARGET, "--sweep", "--repeats", "5"], 90, env)
     gpu_suite_rows(run, "sweep", folder)
+    ncu = shutil.which("ncu") or next((str(p) for p in Path("/usr/local").glob("cuda*/bin/ncu")), None)
+    if ncu:
+        sections = [arg for name in NCU_SECTIONS for arg in ("--section", name)]
+        run.stage("ncu", [ncu, "--kernel-name", "regex:_stats_kernel|_grad_kernel", "--launch-skip", "2",
+                          "--launch-count", "2", *sections, python, "bench/gpu_checks.py", "kernels_for_profiler",
+                          str(args.out / "ncu-records.jsonl")], 120, env)
+    else:
+        run.record(stage="ncu", status="skipped", reason="ncu not found")
     run.record(stage="done", status="ok", seconds=round(time.time() - run.start, 1))
     return 0
 

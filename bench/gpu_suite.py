@@ -173,8 +173,7 @@ def _liger_missing() -> Optional[str]:
     return None
 
 
-@register("liger_grpo", "Liger-Kernel triton_grpo_loss (logp, clip, k3 KL), fwd + bwd", 3, _liger_missing)
-def _liger_grpo(x: Inputs) -> Callable[[], object]:
+def _liger_grpo_setup(x: Inputs, inplace: bool) -> Callable[[], object]:
     from liger_kernel.transformers.grpo_loss import triton_grpo_loss
 
     # Liger takes [B, T + 1, V] logits (the last position is dropped), so the problem is rebuilt in
@@ -183,20 +182,35 @@ def _liger_grpo(x: Inputs) -> Callable[[], object]:
     batch = x.n // seq
     logits = torch.randn(batch, seq + 1, x.v, device="cuda", dtype=x.dtype).requires_grad_(True)
     x.logits = logits  # releases the [N, V] logits; the caller measures memory against this
-    ids = x.targets.view(batch, seq)
+    # Liger has no ignore_index: a -100 target indexes outside the row (an illegal address on the
+    # GPU). Masked tokens go to its completion mask instead, with a valid id.
+    targets = x.targets.view(batch, seq)
+    ids = targets.clamp(min=0)
+    mask = (targets != -100).to(torch.int32)
     old = torch.full((batch, seq), -5.0, device="cuda")
     ref = old - 0.1
     advantages = torch.randn(batch, device="cuda")
-    mask = torch.ones(batch, seq, device="cuda", dtype=torch.int32)
 
     def run() -> None:
         out = triton_grpo_loss(
-            logits, old, ref, ids, advantages, mask, temperature=x.temperature, beta=0.04, inplace=True
+            logits, old, ref, ids, advantages, mask, temperature=x.temperature, beta=0.04, inplace=inplace
         )
         (out[0] if isinstance(out, (tuple, list)) else out).sum().backward()
         logits.grad = None
 
     return run
+
+
+@register("liger_grpo", "Liger-Kernel triton_grpo_loss (logp, clip, k3 KL), fwd + bwd, inplace=False", 3,
+          _liger_missing)
+def _liger_grpo(x: Inputs) -> Callable[[], object]:
+    return _liger_grpo_setup(x, inplace=False)
+
+
+@register("liger_grpo_inplace", "Liger-Kernel triton_grpo_loss, fwd + bwd, gradient over the logits", 3,
+          _liger_missing)
+def _liger_grpo_inplace(x: Inputs) -> Callable[[], object]:
+    return _liger_grpo_setup(x, inplace=True)
 
 
 def hbm_peak_tbps(name: str) -> Optional[float]:
@@ -271,31 +285,31 @@ def run_case(case: Case, n: int, v: int, args: argparse.Namespace, peak_tbps: Op
 
 
 def sweep_launches(n: int, v: int, args: argparse.Namespace) -> list[dict]:
-    """Time stats and stats + grad over alternative LaunchConfigs (input for the launch table)."""
+    """Time the stats kernel and, apart, the grad kernel over alternative LaunchConfigs (input for the
+    launch table): each kernel's row names its own config; the other kernel is not in the time."""
     import fastrl_kernels.triton as ft
     from fastrl_kernels.core import CoreParams
 
     rows = []
     x = make_inputs(n, v, DTYPES[args.dtype], args.temperature, args.masked_frac)
     params = CoreParams(temperature=args.temperature)
-    for block_v in (1024, 2048, 4096, 8192, 16384):
-        for num_warps in (4, 8, 16):
-            cfg = ft.LaunchConfig(block_v=block_v, rows=1, num_warps=num_warps)
-
-            def fused(cfg=cfg) -> None:
-                st = ft.stats(x.logits, x.targets, params, launch=cfg)
-                ft.grad(x.logits, x.targets, st, x.g_lp, x.g_entropy, params, launch=cfg)
-
-            stats_ms = statistics.median(
-                time_cuda(lambda cfg=cfg: ft.stats(x.logits, x.targets, params, launch=cfg), 2, args.repeats)
-            )
-            fused_ms = statistics.median(time_cuda(fused, 2, args.repeats))
-            rows.append(
-                {"n": n, "v": v, "dtype": args.dtype, **asdict(cfg), "stats_ms": stats_ms, "fused_ms": fused_ms}
-            )
-    default = ft.launch_config(v, DTYPES[args.dtype])
-    for row in rows:
-        row["is_default"] = row["block_v"] == default.block_v and row["num_warps"] == default.num_warps
+    st = ft.stats(x.logits, x.targets, params)
+    out = torch.empty_like(x.logits)
+    defaults = {kernel: ft.launch_config(v, DTYPES[args.dtype], kernel) for kernel in ("stats", "grad")}
+    grid = {"stats": ((2048, 4096, 8192, 16384), (2, 4, 8)), "grad": ((2048, 4096, 8192), (2, 4, 8))}
+    for kernel, (blocks, warps) in grid.items():
+        for block_v in blocks:
+            for num_warps in warps:
+                cfg = ft.LaunchConfig(block_v=block_v, rows=1, num_warps=num_warps)
+                if kernel == "stats":
+                    call = lambda cfg=cfg: ft.stats(x.logits, x.targets, params, launch=cfg)
+                else:
+                    call = lambda cfg=cfg: ft.grad(x.logits, x.targets, st, x.g_lp, x.g_entropy, params,
+                                                   out=out, launch=cfg)
+                ms = statistics.median(time_cuda(call, 2, args.repeats))
+                default = defaults[kernel]
+                rows.append({"n": n, "v": v, "dtype": args.dtype, "kernel": kernel, **asdict(cfg), "ms": ms,
+                             "is_default": block_v == default.block_v and num_warps == default.num_warps})
     return rows
 
 

@@ -37,15 +37,17 @@ def _rows(seed: int = 0, v: int = 300):
 
 
 def _run(backend, z, y, softcap):
-    leaf = z.clone().requires_grad_(True)
-    logp, entropy = fk.token_logprobs(leaf, y, softcap=softcap, backend=backend)
+    # Triton runs on the GPU where there is one (else under the interpreter); results come back to CPU.
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    leaf = z.to(device).requires_grad_(True)
+    logp, entropy = fk.token_logprobs(leaf, y.to(device), softcap=softcap, backend=backend)
     g = torch.Generator().manual_seed(1)
-    c_lp, c_h = torch.randn(logp.shape, generator=g), torch.randn(logp.shape, generator=g)
+    c_lp, c_h = (torch.randn(logp.shape, generator=g).to(device) for _ in range(2))
     # -inf logp (row 5) times a coefficient is still differentiable: the gradient is c (1[y] - p).
     finite_lp = torch.where(torch.isfinite(logp), logp, torch.zeros_like(logp))
     (grad,) = torch.autograd.grad((c_lp * (logp - logp.detach() + finite_lp.detach())).sum() + (c_h * entropy).sum(),
                                   leaf)
-    return logp.detach(), entropy.detach(), grad
+    return logp.detach().cpu(), entropy.detach().cpu(), grad.cpu()
 
 
 def _check(backend, softcap):

@@ -27,8 +27,10 @@ def _check_against_reference(backend, inputs, seed=0, with_entropy=True):
     options = {k: inputs[k] for k in OPTIONS if k in inputs}
     z = logits.clone().requires_grad_(True)
     logp, entropy = fk.token_logprobs(z, targets, backend=backend, with_entropy=with_entropy, **options)
-    z64 = logits.detach().to(torch.float64).requires_grad_(True)
-    ref_logp, ref_entropy = reference.token_logprobs(z64, targets, **options)
+    # The reference and the comparison run on the CPU, whatever device the backend ran on.
+    logp, entropy = logp.cpu(), entropy.cpu() if entropy is not None else None
+    z64 = logits.detach().cpu().to(torch.float64).requires_grad_(True)
+    ref_logp, ref_entropy = reference.token_logprobs(z64, targets.cpu(), **options)
     assert logp.dtype == torch.float32 and logp.shape == targets.shape
     assert_close_to_reference(logp, ref_logp, dtype=logits.dtype, name=f"{backend} logprobs")
     g = torch.Generator().manual_seed(seed)
@@ -46,7 +48,7 @@ def _check_against_reference(backend, inputs, seed=0, with_entropy=True):
         (ref_logp * g_lp).sum().backward()
         row_scale = g_lp.abs()
     assert z.grad.dtype == logits.dtype
-    assert_close_to_reference(z.grad, z64.grad, dtype=logits.dtype, kind="grad", name=f"{backend} grad",
+    assert_close_to_reference(z.grad.cpu(), z64.grad, dtype=logits.dtype, kind="grad", name=f"{backend} grad",
                               row_scale=row_scale)
     ignored = targets == options.get("ignore_index", -100)
     assert bool((logp[ignored] == 0).all()) and bool((z.grad[ignored] == 0).all())

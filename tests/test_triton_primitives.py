@@ -7,6 +7,7 @@ vocabulary blocks. The same file runs on a GPU (bench/gpu_suite.py), where the C
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 
@@ -271,8 +272,9 @@ def _compiled_count(kernel) -> int:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compile cache and host syncs exist on CUDA only")
 def test_runtime_scalars_do_not_recompile_and_never_sync():
-    from fastrl_kernels.triton import grad as grad_module
-    from fastrl_kernels.triton import stats as stats_module
+    # the package exports functions named stats and grad: the modules are reached by their full names
+    grad_module = importlib.import_module("fastrl_kernels.triton.grad")
+    stats_module = importlib.import_module("fastrl_kernels.triton.stats")
 
     kernels = (stats_module._stats_kernel, grad_module._grad_kernel)
     logits = torch.randn(64, 3000, device="cuda", dtype=torch.bfloat16)

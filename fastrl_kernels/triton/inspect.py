@@ -86,8 +86,8 @@ def variants(all_tiles: bool = False, vocabs: tuple = MODEL_VOCABS, dtypes: tupl
     for dtype in dtypes:
         for vocab in sorted(set(sizes)):
             for softcap in (False, True):
-                launch = launch_config(vocab, DTYPES[dtype], "stats", softcap)
                 for p2 in (False, True):
+                    launch = launch_config(vocab, DTYPES[dtype], "stats", softcap, p2)
                     out.append(Variant("stats", dtype, vocab, launch, softcap, p2))
                 out.append(Variant("grad", dtype, vocab, launch_config(vocab, DTYPES[dtype], "grad", softcap), softcap))
     return out

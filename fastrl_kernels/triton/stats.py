@@ -162,7 +162,7 @@ def stats(
     fields = 6 if with_log_sum_p2 else 5
     out = torch.empty((fields, n_rows), dtype=torch.float32, device=logits.device)
     if n_rows > 0:
-        cfg = check_launch(launch, vocab, logits.dtype, "stats", params.softcap is not None)
+        cfg = check_launch(launch, vocab, logits.dtype, "stats", params.softcap is not None, with_log_sum_p2)
         sc = transform_scalars(params)
         grid = (triton.cdiv(n_rows, cfg.rows),)
         with device_guard(logits):
