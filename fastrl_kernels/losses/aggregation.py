@@ -20,11 +20,13 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def aggregation_weights(mask: torch.Tensor, mode: str, normalizer: Normalizer = None) -> torch.Tensor:
+def aggregation_weights(mask: torch.Tensor, mode: str, normalizer: Normalizer = None, *,
+                        token_count: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-token weights ``w [B, T]`` with ``aggregate(x) == sum(w * x)`` for every mode.
 
     They depend on the mask only, so a loss aggregated this way is a sum of per-token terms: the
-    lm_head path evaluates it chunk by chunk and still gets the exact gradient.
+    lm_head path evaluates it chunk by chunk and still gets the exact gradient. ``token_count``:
+    ``mask.sum().clamp(min=1.0)`` when the caller holds it already (token-mean's default divisor).
     """
     check_normalizer(normalizer)  # 0, negative, NaN or inf would give an inf / NaN / sign-flipped loss
     batch, length = mask.shape
@@ -32,7 +34,7 @@ def aggregation_weights(mask: torch.Tensor, mode: str, normalizer: Normalizer = 
         weights = mask / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
         default = float(batch)
     elif mode == "token-mean":
-        weights, default = mask, mask.sum().clamp(min=1.0)
+        weights, default = mask, (mask.sum().clamp(min=1.0) if token_count is None else token_count)
     elif mode == "seq-mean-token-sum":
         weights, default = mask, float(batch)
     elif mode == "seq-mean-token-sum-norm":
@@ -44,10 +46,12 @@ def aggregation_weights(mask: torch.Tensor, mode: str, normalizer: Normalizer = 
     return weights / (default if normalizer is None else normalizer)
 
 
-def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str, normalizer: Normalizer = None) -> torch.Tensor:
+def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str, normalizer: Normalizer = None, *,
+              token_count: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Aggregate ``values [B, T]`` under float ``mask [B, T]``; ``mode`` is a canonical name of config.py.
 
     token-mean (verl "token-mean", TRL "bnpo"/"dapo"), seq-mean-token-mean (TRL "grpo"),
     seq-mean-token-sum, seq-mean-token-sum-norm (Dr. GRPO: / (B * T), TRL "dr_grpo"), sum.
+    ``token_count`` as in ``aggregation_weights``.
     """
-    return (values * aggregation_weights(mask, mode, normalizer)).sum()
+    return (values * aggregation_weights(mask, mode, normalizer, token_count=token_count)).sum()

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from ..config import PolicyLossConfig
-from .aggregation import Normalizer, aggregate, masked_mean
+from .aggregation import Normalizer, aggregate
 from .kl import kl_penalty
 from .policy_types import POLICY_LOSSES, policy_loss_type
 
@@ -49,7 +49,7 @@ def _token_loss(logp, ratio, adv, ref_logprobs, is_weights, cfg: PolicyLossConfi
     if ref_logprobs is not None:
         kl = kl_penalty(logp, ref_logprobs.to(logp.dtype), cfg.kl_estimator, cfg.kl_clamp)
         if cfg.kl_coef != 0.0:
-            token_loss = token_loss + cfg.kl_coef * kl
+            token_loss = torch.add(token_loss, kl, alpha=cfg.kl_coef)  # token_loss + kl_coef * kl, one op
     return token_loss, kl
 
 
@@ -117,6 +117,27 @@ def policy_loss_from_logprobs(
     cfg = config if config is not None else PolicyLossConfig()
     if cfg.kl_coef != 0.0 and ref_logprobs is None:
         raise ValueError("ref_logprobs: required when kl_coef != 0 (got None)")
+    return masked_policy_loss(logp, entropy, old_logprobs, advantages, mask, mask > 0, ref_logprobs, is_weights,
+                              normalizer, cfg)
+
+
+def masked_policy_loss(
+    logp: torch.Tensor,
+    entropy: Optional[torch.Tensor],
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    unmasked: torch.Tensor,
+    ref_logprobs: Optional[torch.Tensor],
+    is_weights: Optional[torch.Tensor],
+    normalizer: Normalizer,
+    cfg: PolicyLossConfig,
+    *,
+    zero_where_masked: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``policy_loss_from_logprobs`` with ``unmasked = mask > 0`` given and the config resolved (ref_logprobs
+    present when kl_coef != 0). ``zero_where_masked``: logp and entropy already hold 0 wherever ``unmasked``
+    is False (the fused ops' outputs: masked tokens are ignored rows there), so they are not pinned again."""
     adv = advantages.to(logp.dtype)
     if adv.dim() == 1 and logp.dim() == 2:
         adv = adv.unsqueeze(1)  # [B]: one advantage per sequence
@@ -124,10 +145,10 @@ def policy_loss_from_logprobs(
     # to 1, their KL, advantage, log-prob and entropy to 0 and their importance weight to 1, so that no
     # inf * 0 = NaN reaches the loss, the metrics or the gradient. old / ref log-probs, advantages and
     # is_weights are constants of the loss (detached even when they require grad).
-    unmasked = mask > 0
-    logp = torch.where(unmasked, logp, 0.0)
-    if entropy is not None:
-        entropy = torch.where(unmasked, entropy, 0.0)
+    if not zero_where_masked:
+        logp = torch.where(unmasked, logp, 0.0)
+        if entropy is not None:
+            entropy = torch.where(unmasked, entropy, 0.0)
     old_logprobs = torch.where(unmasked, old_logprobs.detach().to(logp.dtype), logp.detach())
     if ref_logprobs is not None:
         ref_logprobs = torch.where(unmasked, ref_logprobs.detach().to(logp.dtype), logp.detach())
@@ -136,26 +157,37 @@ def policy_loss_from_logprobs(
         is_weights = torch.where(unmasked, is_weights.detach().to(logp.dtype), 1.0)
     ratio = _ratio(logp, old_logprobs, mask, cfg.loss_type)
     token_loss, kl = _token_loss(logp, ratio, adv, ref_logprobs, is_weights, cfg)
-    loss = aggregate(token_loss, mask, cfg.loss_agg, normalizer)
+    # max(sum(mask), 1): token-mean's divisor and the metrics' one, reduced once.
+    count = mask.sum().clamp(min=1.0)
+    loss = aggregate(token_loss, mask, cfg.loss_agg, normalizer, token_count=count)
     bonus_entropy = _bonus_entropy(logp, entropy, cfg)
     if cfg.entropy_coef != 0.0:
-        loss = loss - cfg.entropy_coef * aggregate(bonus_entropy, mask, cfg.resolved_entropy_agg, normalizer)
-    return loss, _metrics(ratio.detach(), adv, mask, kl, bonus_entropy.detach(), cfg)
+        loss = loss - cfg.entropy_coef * aggregate(bonus_entropy, mask, cfg.resolved_entropy_agg, normalizer,
+                                                   token_count=count)
+    return loss, _metrics(ratio.detach(), adv, mask, unmasked, count, kl, bonus_entropy.detach(), cfg)
 
 
-def _metrics(ratio, adv, mask, kl, bonus_entropy, cfg: PolicyLossConfig) -> dict[str, torch.Tensor]:
-    low = ((ratio < 1.0 - cfg.clip_eps_low) & (adv < 0)).to(ratio.dtype)
-    high = ((ratio > 1.0 + cfg.clip_eps_high) & (adv > 0)).to(ratio.dtype)
+def _metrics(ratio, adv, mask, unmasked, count, kl, bonus_entropy, cfg: PolicyLossConfig) -> dict[str, torch.Tensor]:
+    """The masked means sum(mask x) / max(sum(mask), 1) of every metric in one reduction over a stack of
+    the per-token values (the clip indicators enter it as 0 / 1), and ratio_max."""
+    low = (ratio < 1.0 - cfg.clip_eps_low) & (adv < 0)
+    high = (ratio > 1.0 + cfg.clip_eps_high) & (adv > 0)
+    values = [low, high, ratio, bonus_entropy, ratio - 1.0 - torch.log(ratio)]
+    if kl is not None:
+        values.append(kl.detach())
+    means = (torch.stack(values) * mask).flatten(1).sum(dim=1) / count
+    zero = None
+    if kl is None or not ratio.numel():
+        zero = torch.zeros((), dtype=ratio.dtype, device=ratio.device)
     # ratio > 0 always, so masked-out entries set to 0 leave the max of the unmasked ones (0 if none).
-    zero = torch.zeros((), dtype=ratio.dtype, device=ratio.device)
     # (amax of an empty batch raises: B = 0 or T = 0 gives 0, like an all-masked batch)
-    ratio_max = torch.where(mask > 0, ratio, torch.zeros_like(ratio)).amax() if ratio.numel() else zero
+    ratio_max = torch.where(unmasked, ratio, 0.0).amax() if ratio.numel() else zero
     return {
-        "clip_frac_low": masked_mean(low, mask),
-        "clip_frac_high": masked_mean(high, mask),
-        "ratio_mean": masked_mean(ratio, mask),
+        "clip_frac_low": means[0],
+        "clip_frac_high": means[1],
+        "ratio_mean": means[2],
         "ratio_max": ratio_max,
-        "kl_mean": masked_mean(kl.detach(), mask) if kl is not None else zero,
-        "entropy_mean": masked_mean(bonus_entropy, mask),
-        "approx_kl": masked_mean(ratio - 1.0 - torch.log(ratio), mask),
+        "kl_mean": means[5] if kl is not None else zero,
+        "entropy_mean": means[3],
+        "approx_kl": means[4],
     }

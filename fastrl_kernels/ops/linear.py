@@ -219,10 +219,12 @@ def linear_policy_loss(
         return None if tensor is None else tensor.float().reshape(shape)
 
     mask_bt = float_mask.reshape(shape)
-    loss_inputs = (as_bt(old_logprobs), adv, mask_bt, as_bt(ref_logprobs), as_bt(is_weights), normalizer)
+    unmasked = float_mask > 0
+    loss_inputs = (as_bt(old_logprobs), adv, mask_bt, unmasked.reshape(shape), as_bt(ref_logprobs),
+                   as_bt(is_weights), normalizer)
     rows, flat_targets = _rows(hidden, targets)
     # Masked tokens become ignored rows: no statistics, a zero gradient row (as the logits path).
-    flat_targets = torch.where(float_mask.reshape(-1) > 0, flat_targets, ignore_index)
+    flat_targets = torch.where(unmasked.reshape(-1), flat_targets, ignore_index)
     params = core_params(cfg.temperature, logit_scale, softcap, ignore_index)
     token_fn, token_inputs = None, ()
     if cfg.loss_type in SEPARABLE_POLICY_LOSS_TYPES:
@@ -232,7 +234,7 @@ def linear_policy_loss(
         weights = aggregation_weights(mask_bt, cfg.loss_agg, normalizer)
         entropy_weights = (aggregation_weights(mask_bt, cfg.resolved_entropy_agg, normalizer)
                            if cfg.entropy_coef != 0.0 else None)
-        token_inputs = (flat(loss_inputs[0]), flat(adv.expand(shape)), flat(loss_inputs[3]), flat(loss_inputs[4]),
+        token_inputs = (flat(loss_inputs[0]), flat(adv.expand(shape)), flat(loss_inputs[4]), flat(loss_inputs[5]),
                         flat(weights), flat(entropy_weights))
         token_fn = partial(_separable_terms, cfg=cfg)
     spec = _spec(rows, weight, backend, params, chunk_size,

@@ -117,7 +117,8 @@ def policy_loss(
                               ref_logprobs=ref_logprobs, is_weights=is_weights,
                               normalizer=normalizer if isinstance(normalizer, torch.Tensor) else None)
     leading = logits.shape[:-1]
-    float_mask = as_float_mask(mask, leading, logits) * (targets != ignore_index)
+    kept = targets != ignore_index
+    float_mask = kept.to(torch.float32) if mask is None else as_float_mask(mask, leading, logits) * kept
     params = core_params(cfg.temperature, logit_scale, softcap, ignore_index)  # checks them for every backend
     if backend == "reference":
         from ..reference import policy_loss as reference_policy_loss
@@ -134,7 +135,8 @@ def policy_loss(
     rows, flat_targets = flatten_rows(logits, targets)
     # Masked tokens become ignored rows: the kernels then skip them (a zero gradient row written
     # without reading, and no read in pass 1 where the backend supports it).
-    flat_targets = torch.where(float_mask.reshape(-1) > 0, flat_targets, ignore_index)
+    unmasked = float_mask > 0
+    flat_targets = torch.where(unmasked.reshape(-1), flat_targets, ignore_index)
     adv = advantages.float()
     adv = adv.reshape(shape[0], 1) if adv.dim() == 1 and len(leading) == 2 else adv.reshape(shape)
 
@@ -144,15 +146,18 @@ def policy_loss(
     loss_fn = partial(_loss_on_rows, cfg=cfg, shape=shape)
     loss, logp, entropy, metrics = fused_logits_loss(
         rows, flat_targets, loss_fn,
-        (as_bt(old_logprobs), adv, float_mask.reshape(shape), as_bt(ref_logprobs), as_bt(is_weights), normalizer),
+        (as_bt(old_logprobs), adv, float_mask.reshape(shape), unmasked.reshape(shape), as_bt(ref_logprobs),
+         as_bt(is_weights), normalizer),
         params=params, backend=backend, inplace_grad=inplace_grad, with_log_sum_p2=False,
     )
     return PolicyLossOutput(loss, logp.view(leading), entropy.view(leading), metrics)
 
 
-def _loss_on_rows(logp, entropy, _log_sum_p2, old, adv, mask, ref, is_weights, normalizer, *, cfg, shape):
-    return policy_algebra.policy_loss_from_logprobs(
-        logp.view(shape), entropy.view(shape), old, adv, mask, ref, is_weights, normalizer, cfg
+def _loss_on_rows(logp, entropy, _log_sum_p2, old, adv, mask, unmasked, ref, is_weights, normalizer, *, cfg, shape):
+    # The kernels return logp = entropy = 0 at ignored rows, which the masked tokens are.
+    return policy_algebra.masked_policy_loss(
+        logp.view(shape), entropy.view(shape), old, adv, mask, unmasked, ref, is_weights, normalizer, cfg,
+        zero_where_masked=True,
     )
 
 
