@@ -59,11 +59,26 @@ def _stats_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     params = CoreParams(temperature, logit_scale, softcap, ignore_index)
     stats = primitives(backend).stats(logits, targets, params, with_log_sum_p2)
-    log_sum_p2 = stats.log_sum_p2 if with_log_sum_p2 else stats.logp.new_zeros(0)
-    # A custom op's outputs may not alias: backends return [N] views of one buffer (an O(N) copy).
-    # Empty ones too (N = 0): views of one empty buffer still share its storage.
-    outputs = (stats.logp, stats.entropy, stats.lse, stats.mean_x, log_sum_p2)
-    return tuple(t.clone() for t in outputs)
+    outputs = _unaliased((stats.logp, stats.entropy, stats.lse, stats.mean_x)
+                         + ((stats.log_sum_p2,) if with_log_sum_p2 else ()), (logits, targets))
+    # (without log sum p^2, a fresh empty tensor: it aliases nothing)
+    return outputs if with_log_sum_p2 else outputs + (stats.logp.new_zeros(0),)
+
+
+def _unaliased(outputs: tuple, inputs: tuple) -> tuple:
+    """``outputs`` with a copy (O(N)) of each one that shares memory with an input or an earlier output: a
+    custom op's outputs may not alias (backends return [N] views of one buffer). Empty ones are copied
+    whatever their storage (N = 0: views of one empty buffer still share it, at a null address)."""
+    seen = {t.untyped_storage().data_ptr() for t in inputs}
+    fresh = []
+    for t in outputs:
+        address = t.untyped_storage().data_ptr()
+        if address in seen or t.numel() == 0:
+            t = t.clone()
+        else:
+            seen.add(address)
+        fresh.append(t)
+    return tuple(fresh)
 
 
 @_stats_op.register_fake
@@ -76,8 +91,8 @@ def _(logits, targets, backend, temperature, logit_scale, softcap, ignore_index,
 
 def _grad_inputs(lse, mean_x, backend, temperature, logit_scale, softcap, ignore_index):
     """(primitives, the stats pass 2 reads, CoreParams) from a grad op's plain arguments."""
-    zeros = torch.zeros(lse.shape, dtype=torch.float32, device=lse.device)
-    stats = CoreStats(zeros, zeros, lse, mean_x)
+    unread = torch.empty(lse.shape, dtype=torch.float32, device=lse.device)  # pass 2 reads lse and mean_x only
+    stats = CoreStats(unread, unread, lse, mean_x)
     return primitives(backend), stats, CoreParams(temperature, logit_scale, softcap, ignore_index)
 
 
@@ -105,6 +120,10 @@ def _grad_inplace_op(
     """The gradient written over the logits (the op declares the mutation: the version counter moves)."""
     prims, stats, params = _grad_inputs(lse, mean_x, backend, temperature, logit_scale, softcap, ignore_index)
     prims.grad(logits, targets, stats, g_lp, g_entropy, params, out=logits)
+
+
+def _zeros_like_rows(lse: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(lse.shape, dtype=torch.float32, device=lse.device)
 
 
 class _TokenStats(torch.autograd.Function):
@@ -135,9 +154,8 @@ class _TokenStats(torch.autograd.Function):
         if grad_logp is None and grad_entropy is None:
             return (None,) * 6
         logits, targets, lse, mean_x = ctx.saved_tensors
-        zeros = torch.zeros(lse.shape, dtype=torch.float32, device=lse.device)
-        g_lp = zeros if grad_logp is None else grad_logp.to(torch.float32)
-        g_entropy = zeros if grad_entropy is None else grad_entropy.to(torch.float32)
+        g_lp = _zeros_like_rows(lse) if grad_logp is None else grad_logp.to(torch.float32)
+        g_entropy = _zeros_like_rows(lse) if grad_entropy is None else grad_entropy.to(torch.float32)
         if ctx.inplace_grad:
             _grad_inplace_op(logits, targets, lse, mean_x, g_lp, g_entropy, *ctx.options)
             grad = logits
