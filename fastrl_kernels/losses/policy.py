@@ -149,12 +149,13 @@ def masked_policy_loss(
         logp = torch.where(unmasked, logp, 0.0)
         if entropy is not None:
             entropy = torch.where(unmasked, entropy, 0.0)
-    old_logprobs = torch.where(unmasked, old_logprobs.detach().to(logp.dtype), logp.detach())
+    logp_value = logp.detach()
+    old_logprobs = torch.where(unmasked, _constant(old_logprobs).to(logp.dtype), logp_value)
     if ref_logprobs is not None:
-        ref_logprobs = torch.where(unmasked, ref_logprobs.detach().to(logp.dtype), logp.detach())
-    adv = torch.where(unmasked, adv.detach(), 0.0)
+        ref_logprobs = torch.where(unmasked, _constant(ref_logprobs).to(logp.dtype), logp_value)
+    adv = torch.where(unmasked, _constant(adv), 0.0)
     if is_weights is not None:
-        is_weights = torch.where(unmasked, is_weights.detach().to(logp.dtype), 1.0)
+        is_weights = torch.where(unmasked, _constant(is_weights).to(logp.dtype), 1.0)
     ratio = _ratio(logp, old_logprobs, mask, cfg.loss_type)
     token_loss, kl = _token_loss(logp, ratio, adv, ref_logprobs, is_weights, cfg)
     # max(sum(mask), 1): token-mean's divisor and the metrics' one, reduced once.
@@ -165,6 +166,11 @@ def masked_policy_loss(
         loss = loss - cfg.entropy_coef * aggregate(bonus_entropy, mask, cfg.resolved_entropy_agg, normalizer,
                                                    token_count=count)
     return loss, _metrics(ratio.detach(), adv, mask, unmasked, count, kl, bonus_entropy.detach(), cfg)
+
+
+def _constant(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` outside autograd's graph (detached only when it requires grad)."""
+    return tensor.detach() if tensor.requires_grad else tensor
 
 
 def _metrics(ratio, adv, mask, unmasked, count, kl, bonus_entropy, cfg: PolicyLossConfig) -> dict[str, torch.Tensor]:

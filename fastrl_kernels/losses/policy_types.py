@@ -39,7 +39,8 @@ class PolicyLossType:
 def clipped_surrogate(logp: torch.Tensor, ratio: torch.Tensor, adv: torch.Tensor, cfg: Any) -> torch.Tensor:
     capped = ratio.clamp(max=cfg.delta) if cfg.delta is not None else ratio
     clipped = ratio.clamp(1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high)
-    loss = torch.maximum(-adv * capped, -adv * clipped)
+    neg_adv = -adv
+    loss = torch.maximum(neg_adv * capped, neg_adv * clipped)
     if cfg.dual_clip is not None:
         loss = torch.where(adv < 0, torch.minimum(loss, -cfg.dual_clip * adv), loss)
     return loss

@@ -60,4 +60,4 @@ def fused_logits_loss(
     logp, entropy, log_sum_p2 = token_stats(logits, targets, backend, params, inplace_grad=inplace_grad,
                                             with_log_sum_p2=with_log_sum_p2)
     loss, aux = loss_fn(logp, entropy, log_sum_p2, *loss_inputs)
-    return loss, logp, entropy, {key: value.detach() for key, value in aux.items()}
+    return loss, logp, entropy, {key: value.detach() if value.requires_grad else value for key, value in aux.items()}
