@@ -206,7 +206,7 @@ def lse_split(stats: CoreStats, k: float) -> list[torch.Tensor]:
     """Per-row float32 (c, r, h): lse = c k + r with c = fp32(lse / k), and h = lse - E_p[x]."""
     lse = stats.lse.to(torch.float64)
     c = (lse / k).to(torch.float32)
-    r = (lse - c.to(torch.float64) * k).to(torch.float32)
+    r = torch.sub(lse, c.to(torch.float64), alpha=k).to(torch.float32)  # lse - c k in float64, one op
     h = (lse - stats.mean_x.to(torch.float64)).to(torch.float32)
     return [c.contiguous(), r.contiguous(), h.contiguous()]
 

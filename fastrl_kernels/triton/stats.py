@@ -185,8 +185,9 @@ def stats(
                 num_warps=cfg.num_warps,
             )
     # lse and mean_x in float64 (core.CoreStats): m k in float32 would be off by ulp(1e4) = 1e-3.
-    k = transform_scalars(params).k
-    max_x = out[2].to(torch.float64) * k
-    lse = max_x + out[3].to(torch.float64)
-    mean_x = max_x + out[4].to(torch.float64)
+    # One widening copy of (max, log-sum, mean offset) and three in-place ops: each tensor op costs a
+    # launch and its host time, which at these sizes rivals the kernel's.
+    wide = out[2:5].to(torch.float64)
+    max_x = wide[0].mul_(transform_scalars(params).k)
+    lse, mean_x = wide[1].add_(max_x), wide[2].add_(max_x)
     return CoreStats(out[0], out[1], lse, mean_x, out[5] if with_log_sum_p2 else None)
