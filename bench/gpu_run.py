@@ -124,8 +124,20 @@ def environment(run: Run) -> None:
         info["nvidia_smi"] = smi.stdout.strip().splitlines()
     git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
     info["commit"] = git.stdout.strip() or None
+    # A copied working tree may carry a stale .git: the sources' own digest says what ran.
+    info["sources_sha256"] = sources_digest()
     info["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     run.record(stage="env", status="ok", **info)
+
+
+def sources_digest() -> str:
+    """SHA-256 over the package's and bench/'s Python and C++ sources (path and content, sorted)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted([*REPO.glob("fastrl_kernels/**/*.py"), *REPO.glob("csrc/*"), *REPO.glob("bench/*.py")]):
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def install_peer_wheels(run: Run, env: dict) -> None:
