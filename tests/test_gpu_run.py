@@ -38,3 +38,27 @@ def test_dry_run_records_every_correctness_stage_and_every_check_passes(tmp_path
             "linear_dpo_loss"} <= names
     assert any(r["check"].endswith("grad z") for r in checks)
     assert (tmp_path / "run.log").read_text().count("=====") == 3
+
+
+def test_every_peer_case_the_run_names_is_registered():
+    """A renamed or dropped case would cost a GPU session a stage: the names must match on the CPU."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu_run
+    import gpu_suite
+
+    registered = {case.name for case in gpu_suite.CASES}
+    assert set(gpu_run.CORE_CASES) <= registered, set(gpu_run.CORE_CASES) - registered
+    assert "fk_stats" in registered  # the sweep stage's case
+
+
+def test_skip_leaves_a_stage_out_with_a_record(tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu_run
+
+    run = gpu_run.Run(tmp_path, budget=60, dry_run=True, skip={"core"})
+    failing = [sys.executable, "-c", "raise SystemExit(3)"]
+    assert run.stage("core:liger_grpo", failing, 30, dict(os.environ)) == (None, "")
+    rc, _ = run.stage("ops", [sys.executable, "-c", "print('ran')"], 30, dict(os.environ))
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert records[0]["stage"] == "core:liger_grpo" and records[0]["status"] == "skipped"
+    assert rc == 0 and records[1]["status"] == "ok"
