@@ -77,7 +77,7 @@ def check_temperature(temperature: Any) -> None:
 
 
 def check_normalizer(normalizer: Any, name: str = "normalizer") -> None:
-    """None, a finite number > 0, or a float / int tensor of such values.
+    """None, a finite number > 0, or a one-element float / int tensor of such a value.
 
     A tensor's values are read only on CPU and outside torch.compile tracing (on an accelerator the
     read would sync the host): there a normalizer of 0 gives inf / NaN, as a division by 0 does.
@@ -89,6 +89,9 @@ def check_normalizer(normalizer: Any, name: str = "normalizer") -> None:
         return
     if normalizer.dtype == torch.bool or normalizer.is_complex():
         raise TypeError(f"{name}: expected a float or integer tensor, got {normalizer.dtype}")
+    if normalizer.numel() != 1:  # a [T] or [B, 1] tensor would broadcast into a silently wrong loss
+        raise ValueError(f"{name}: expected one value (a 0-d or one-element tensor), got shape "
+                         f"{tuple(normalizer.shape)}")
     if normalizer.device.type == "cpu" and not torch.compiler.is_compiling() and normalizer.numel() > 0:
         values = normalizer.detach().double()
         if not bool((torch.isfinite(values) & (values > 0)).all()):
@@ -241,12 +244,14 @@ def check_logits_targets(logits: Any, targets: Any, ignore_index: int = -100) ->
             )
 
 
-def as_float_mask(mask: Optional[torch.Tensor], shape: Sequence[int], like: torch.Tensor, name: str = "mask"):
-    """A bool / {0,1} mask of ``shape`` as float32 (None = all ones)."""
+def as_float_mask(mask: Optional[torch.Tensor], shape: Sequence[int], like: torch.Tensor, name: str = "mask", *,
+                  like_name: str = "logits", what: Optional[str] = None):
+    """A bool / {0,1} mask of ``shape`` as float32 (None = all ones). Errors name ``like`` as ``like_name``
+    and describe ``shape`` as ``what`` (default: "the leading shape of <like_name>")."""
     if mask is None:
         return torch.ones(tuple(shape), dtype=torch.float32, device=like.device)
-    check_shape(name, mask, shape, "the leading shape of logits")
-    check_same_device("logits", like, **{name: mask})
+    check_shape(name, mask, shape, what or f"the leading shape of {like_name}")
+    check_same_device(like_name, like, **{name: mask})
     if mask.dtype == torch.bool:
         return mask.to(torch.float32)
     if mask.is_floating_point() or mask.dtype in (torch.int32, torch.int64, torch.uint8, torch.int8):

@@ -58,7 +58,7 @@ def gae(
     with torch.no_grad():
         r = rewards.to(torch.float32)
         v = values.to(torch.float32)
-        m = as_float_mask(mask, r.shape, r)
+        m = as_float_mask(mask, r.shape, r, like_name="rewards", what="the shape of rewards")
         keep = m > 0
         batch, length = r.shape
         # delta needs V_next of the next *unmasked* step, known only inside the backward sweep.
@@ -148,7 +148,7 @@ def value_loss(
     v = values.to(torch.float32)
     old = old_values.detach().to(torch.float32)
     target = returns.detach().to(torch.float32)
-    m = as_float_mask(mask, values.shape, values)
+    m = as_float_mask(mask, values.shape, values, like_name="values", what="the shape of values")
     if v.dim() == 1:
         v, old, target, m = v[None], old[None], target[None], m[None]
     err = (v - target) ** 2

@@ -210,7 +210,7 @@ def linear_policy_loss(
             ref_logprobs=ref_logprobs, config=cfg, normalizer=normalizer, is_weights=is_weights,
             backend="reference", ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
         )
-    float_mask = as_float_mask(mask, leading, hidden) * (targets != ignore_index)
+    float_mask = as_float_mask(mask, leading, hidden, like_name="hidden") * (targets != ignore_index)
     shape = _batch_shape(leading)
     adv = advantages.float()
     adv = adv.reshape(shape[0], 1) if adv.dim() == 1 and len(leading) == 2 else adv.reshape(shape)
@@ -291,7 +291,8 @@ def linear_dpo_loss(
                               ref_rejected_logps, config=cfg, backend="reference", temperature=temperature,
                               ignore_index=ignore_index)
     n_seq, steps = hidden.shape[:2]
-    response = as_float_mask(mask, (n_seq, steps), hidden) * (targets != ignore_index).to(torch.float32)
+    response = as_float_mask(mask, (n_seq, steps), hidden, like_name="hidden") * (targets != ignore_index).to(
+        torch.float32)
     for name, tensor in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
         check_float_tensor(name, tensor, FLOAT_DTYPES)
         check_shape(name, tensor, (n_seq // 2,), "[B], half the rows of hidden")

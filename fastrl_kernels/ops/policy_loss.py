@@ -41,12 +41,13 @@ def _check_policy_inputs(logits, targets, old_logprobs, advantages, ref_logprobs
                          *, leading=None, name="logits"):
     """The checks shared by every policy-loss entry point; ``leading`` (default: logits' shape without V)
     is the token shape ``[B, T]`` or ``[N]``, ``logits`` the tensor whose device the others must share."""
+    what = f"the leading shape of {name}" if leading is None else f"the shape of {name}"
     leading = tuple(logits.shape[:-1]) if leading is None else tuple(leading)
     batch = leading[0] if len(leading) == 2 else None
     for arg, tensor in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs), ("is_weights", is_weights)):
         if tensor is not None:
             check_float_tensor(arg, tensor)
-            check_shape(arg, tensor, leading, "the leading shape of logits")
+            check_shape(arg, tensor, leading, what)
     check_float_tensor("advantages", advantages)
     if batch is not None and tuple(advantages.shape) == (batch,):
         pass
@@ -204,7 +205,8 @@ def policy_loss_from_logprobs(
     _check_policy_inputs(logp, None, old_logprobs, advantages, ref_logprobs, is_weights, normalizer, cfg,
                          leading=leading, name="logp")
     check_same_device("logp", logp, entropy=entropy)
-    float_mask = as_float_mask(mask, leading, logp).to(torch.promote_types(logp.dtype, torch.float32))
+    float_mask = as_float_mask(mask, leading, logp, like_name="logp", what="the shape of logp")
+    float_mask = float_mask.to(torch.promote_types(logp.dtype, torch.float32))
     return policy_algebra.policy_loss_from_logprobs(
         logp, entropy, old_logprobs, advantages, float_mask, ref_logprobs, is_weights, normalizer, cfg
     )
