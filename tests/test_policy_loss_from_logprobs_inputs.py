@@ -98,3 +98,19 @@ def test_a_normalizer_of_several_values_is_refused_everywhere(shape):
 
 def re_shape(shape) -> str:
     return str(tuple(shape)).replace("(", r"\(").replace(")", r"\)")
+
+
+def test_one_sequence_of_shape_n_equals_a_batch_of_one():
+    x = _inputs()
+    flat, flat_metrics = policy_loss_from_logprobs(x["logp"][0], x["entropy"][0], x["old"][0], x["adv"][:1].expand(T))
+    batch, metrics = policy_loss_from_logprobs(x["logp"][:1], x["entropy"][:1], x["old"][:1], x["adv"][:1])
+    torch.testing.assert_close(flat, batch)
+    torch.testing.assert_close(flat_metrics["ratio_mean"], metrics["ratio_mean"])
+
+
+@pytest.mark.parametrize("arg", ["mask", "normalizer"])
+def test_mask_and_normalizer_on_another_device_are_refused_against_logp(arg):
+    x = _inputs()
+    other = torch.ones(B, T, device="meta") if arg == "mask" else torch.tensor(4.0, device="meta")
+    with pytest.raises(ValueError, match=rf"^{arg}: expected a tensor on cpu like logp, got meta$"):
+        _call(x, **{arg: other})

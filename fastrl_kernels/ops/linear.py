@@ -199,8 +199,7 @@ def linear_policy_loss(
     cfg = resolve_config(PolicyLossConfig, config, config_overrides)
     check_backend(backend)
     _check_linear_inputs(hidden, weight, bias, targets, ignore_index)
-    _check_policy_inputs(hidden, targets, old_logprobs, advantages, ref_logprobs, is_weights, normalizer, cfg,
-                         name="hidden")
+    _check_policy_inputs(hidden, old_logprobs, advantages, ref_logprobs, is_weights, normalizer, cfg, name="hidden")
     leading = hidden.shape[:-1]
     if backend == "reference":
         from .policy_loss import policy_loss

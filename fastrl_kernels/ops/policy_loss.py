@@ -37,7 +37,7 @@ def _batch_shape(leading: torch.Size) -> tuple[int, int]:
     return (leading[0], leading[1]) if len(leading) == 2 else (1, leading[0])
 
 
-def _check_policy_inputs(logits, targets, old_logprobs, advantages, ref_logprobs, is_weights, normalizer, cfg,
+def _check_policy_inputs(logits, old_logprobs, advantages, ref_logprobs, is_weights, normalizer, cfg,
                          *, leading=None, name="logits"):
     """The checks shared by every policy-loss entry point; ``leading`` (default: logits' shape without V)
     is the token shape ``[B, T]`` or ``[N]``, ``logits`` the tensor whose device the others must share."""
@@ -112,7 +112,7 @@ def policy_loss(
     cfg = resolve_config(PolicyLossConfig, config, config_overrides)
     check_backend(backend)
     check_logits_targets(logits, targets, ignore_index)
-    _check_policy_inputs(logits, targets, old_logprobs, advantages, ref_logprobs, is_weights, normalizer, cfg)
+    _check_policy_inputs(logits, old_logprobs, advantages, ref_logprobs, is_weights, normalizer, cfg)
     if inplace_grad:
         refuse_shared_storage(logits, targets=targets, old_logprobs=old_logprobs, advantages=advantages, mask=mask,
                               ref_logprobs=ref_logprobs, is_weights=is_weights,
@@ -202,11 +202,12 @@ def policy_loss_from_logprobs(
     check_float_tensor("old_logprobs", old_logprobs)
     if isinstance(advantages, torch.Tensor) and len(leading) == 2 and tuple(advantages.shape) == (leading[0], 1):
         advantages = advantages[:, 0]  # [B, 1]: per sequence, as [B]
-    _check_policy_inputs(logp, None, old_logprobs, advantages, ref_logprobs, is_weights, normalizer, cfg,
+    _check_policy_inputs(logp, old_logprobs, advantages, ref_logprobs, is_weights, normalizer, cfg,
                          leading=leading, name="logp")
     check_same_device("logp", logp, entropy=entropy)
     float_mask = as_float_mask(mask, leading, logp, like_name="logp", what="the shape of logp")
     float_mask = float_mask.to(torch.promote_types(logp.dtype, torch.float32))
-    return policy_algebra.policy_loss_from_logprobs(
-        logp, entropy, old_logprobs, advantages, float_mask, ref_logprobs, is_weights, normalizer, cfg
-    )
+    tensors = (logp, entropy, old_logprobs, advantages, float_mask, ref_logprobs, is_weights)
+    if logp.dim() == 1:  # [N]: one sequence, which the algebra (and every loss_agg mode) sees as [1, N]
+        tensors = tuple(None if t is None else t.unsqueeze(0) for t in tensors)
+    return policy_algebra.policy_loss_from_logprobs(*tensors, normalizer, cfg)
