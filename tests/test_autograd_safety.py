@@ -25,21 +25,24 @@ def _policy_batch(seed=0, b=2, t=5, v=41):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("name", ["old_logprobs", "ref_logprobs", "is_weights", "advantages"])
+@pytest.mark.parametrize("name", ["old_logprobs", "ref_logprobs", "is_weights", "advantages", "mask", "normalizer"])
 def test_policy_loss_in_place_refuses_inputs_sharing_the_logits_memory(backend, name):
     """e.g. old log-probs taken as a view of the logits buffer: the in-place gradient would overwrite them."""
     batch = _policy_batch()
+    batch["logits"][0, 0, 0] = 3.0  # a valid normalizer where one is carved out of the logits
     logits = batch["logits"].clone().requires_grad_(True)
     x = logits * 1.0  # the tensor the op overwrites
-    shared = x.detach()[..., 0] if name != "advantages" else x.detach()[:, 0, 0]
+    views = {"advantages": x.detach()[:, 0, 0], "normalizer": x.detach()[0, 0, 0],
+             "mask": x.detach().view(torch.uint8)[..., 0]}  # the first byte of each token's first logit
+    shared = views.get(name, x.detach()[..., 0])
     args = dict(old_logprobs=batch["old_logprobs"], advantages=batch["advantages"], kl_coef=0.1,
-                ref_logprobs=batch["old_logprobs"] + 0.1)
+                ref_logprobs=batch["old_logprobs"] + 0.1, mask=batch["mask"])
     args[name] = shared
     with pytest.raises(ValueError, match=rf"^{name}: shares memory with logits, which inplace_grad=True overwrites"):
-        fk.policy_loss(x, batch["targets"], mask=batch["mask"], backend=backend, inplace_grad=True, **args)
+        fk.policy_loss(x, batch["targets"], backend=backend, inplace_grad=True, **args)
     # Without inplace_grad the same call is fine and equals the call on a copy.
-    out = fk.policy_loss(x, batch["targets"], mask=batch["mask"], backend=backend, **args)
-    copy = fk.policy_loss(x, batch["targets"], mask=batch["mask"], backend=backend,
+    out = fk.policy_loss(x, batch["targets"], backend=backend, **args)
+    copy = fk.policy_loss(x, batch["targets"], backend=backend,
                           **{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()})
     assert torch.equal(out.loss, copy.loss)
 
