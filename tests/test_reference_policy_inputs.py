@@ -50,3 +50,13 @@ def test_policy_loss_from_logprobs_refusals_name_the_argument():
         ref.policy_loss_from_logprobs(lp, None, lp, torch.zeros(2))
     with pytest.raises(ValueError, match=r"^advantages: expected shape \(2, 3\) or \[2\], got \(3,\)$"):
         ref.policy_loss_from_logprobs(lp, lp, lp, torch.zeros(3))
+
+
+def test_reference_transform_defaults_are_the_identity():
+    """Without temperature / logit_scale the reference sees the raw logits: x = z, log softmax of z."""
+    from fastrl_kernels.reference import logprobs as ref_logprobs
+
+    z = torch.tensor([[0.5, -1.0, 2.0]], dtype=torch.float64)
+    assert torch.equal(ref_logprobs.transformed_logits(z), z)
+    stats = ref_logprobs.token_stats(z, torch.tensor([2]))
+    torch.testing.assert_close(stats.logp, torch.log_softmax(z, -1)[:, 2], rtol=0, atol=1e-15)
