@@ -92,7 +92,7 @@ def check_normalizer(normalizer: Any, name: str = "normalizer") -> None:
     if normalizer.numel() != 1:  # a [T] or [B, 1] tensor would broadcast into a silently wrong loss
         raise ValueError(f"{name}: expected one value (a 0-d or one-element tensor), got shape "
                          f"{tuple(normalizer.shape)}")
-    if normalizer.device.type == "cpu" and not torch.compiler.is_compiling() and normalizer.numel() > 0:
+    if normalizer.device.type == "cpu" and not torch.compiler.is_compiling():
         values = normalizer.detach().double()
         if not bool((torch.isfinite(values) & (values > 0)).all()):
             bad = values[~(torch.isfinite(values) & (values > 0))][0].item()

@@ -161,9 +161,9 @@ def stats(
     n_rows, vocab = logits.shape
     fields = 6 if with_log_sum_p2 else 5
     out = torch.empty((fields, n_rows), dtype=torch.float32, device=logits.device)
+    sc = transform_scalars(params)
     if n_rows > 0:
         cfg = check_launch(launch, vocab, logits.dtype, "stats", params.softcap is not None, with_log_sum_p2)
-        sc = transform_scalars(params)
         grid = (triton.cdiv(n_rows, cfg.rows),)
         with device_guard(logits):
             _stats_kernel[grid](
@@ -188,6 +188,6 @@ def stats(
     # One widening copy of (max, log-sum, mean offset) and three in-place ops: each tensor op costs a
     # launch and its host time, which at these sizes rivals the kernel's.
     wide = out[2:5].to(torch.float64)
-    max_x = wide[0].mul_(transform_scalars(params).k)
+    max_x = wide[0].mul_(sc.k)
     lse, mean_x = wide[1].add_(max_x), wide[2].add_(max_x)
     return CoreStats(out[0], out[1], lse, mean_x, out[5] if with_log_sum_p2 else None)
