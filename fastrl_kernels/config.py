@@ -13,19 +13,14 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .losses.dpo_types import DPO_LOSSES
+from .losses.aggregation_modes import AGGREGATIONS
+from .losses.dpo_types import DPO_LOSSES, F_DIVERGENCE_SCORES
 from .losses.kl import KL_ESTIMATORS
 from .losses.policy_types import POLICY_LOSSES
 
 POLICY_LOSS_TYPES = tuple(POLICY_LOSSES)  # the registry's keys: one entry per type
 ENTROPY_MODES = ("exact", "sampled")
-LOSS_AGG_MODES = (
-    "token-mean",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum",
-    "seq-mean-token-sum-norm",
-    "sum",
-)
+LOSS_AGG_MODES = tuple(AGGREGATIONS)  # the registry's keys (losses/aggregation_modes.py)
 # TRL GRPOConfig.loss_type names -> our aggregation. "dapo" is token-mean over the global token count:
 # pass that count as `normalizer` (TRL's num_items_in_batch).
 LOSS_AGG_ALIASES = {
@@ -260,7 +255,7 @@ def as_float_mask(mask: Optional[torch.Tensor], shape: Sequence[int], like: torc
 
 
 DPO_LOSS_TYPES = tuple(DPO_LOSSES)  # the registry's keys (losses/dpo_types.py)
-F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+F_DIVERGENCES = tuple(F_DIVERGENCE_SCORES)  # the registry's keys (losses/dpo_types.py)
 
 
 @dataclass(frozen=True)

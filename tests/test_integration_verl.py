@@ -18,7 +18,7 @@ import torch
 from fastrl_kernels.integrations import verl as fk_verl
 from tests.docs_examples import doc_example
 
-MODES = ["vanilla", "gspo", "sapo", "cispo"]
+MODES = ["vanilla", "gspo", "sapo", "cispo", "gpg"]
 AGGS = ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 
 

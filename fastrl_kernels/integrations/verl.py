@@ -8,13 +8,14 @@ loss registered under ``actor.policy_loss.loss_mode`` in ``verl.trainer.ppo.core
 - ``logprobs_from_logits``, ``entropy_from_logits``, ``logprobs_and_entropy_from_logits``: drop-in helpers on
   ``fk.token_logprobs`` (one streamed pass; no fp32 softmax copy of the logits).
 - ``make_policy_loss_fn(loss_mode)`` / ``register_verl_policy_losses()``: the "vanilla" (PPO with verl's
-  dual clip ``clip_ratio_c``), "gspo", "sapo" and "cispo" losses with verl's signature and conventions,
+  dual clip ``clip_ratio_c``), "gspo", "sapo", "cispo" and "gpg" losses with verl's signature and conventions,
   registered as ``"fastrl_<mode>"`` (set ``actor.policy_loss.loss_mode=fastrl_vanilla``).
 - ``fused_policy_loss(logits, responses, ...)``: the same loss straight from logits (``fk.policy_loss``:
   one streamed pass in the forward, one in the backward), for actors that can hand over logits.
 
 verl conventions reproduced: ``clip_ratio_low / clip_ratio_high`` default to ``clip_ratio``; the
-log-ratio is clamped to [-20, 20] (vanilla, sapo, cispo); vanilla applies the dual clip for A < 0 with
+log-ratio is clamped to [-20, 20] (vanilla, sapo, cispo); gpg (-A log_prob) has no ratio and,
+like verl's, reports no metrics; vanilla applies the dual clip for A < 0 with
 ``clip_ratio_c`` (default 3); sapo always aggregates "seq-mean-token-mean"; ``agg_loss``'s
 ``global_batch_info`` (dp_size, batch_num_tokens, global_batch_size, loss_scale_factor) sets the
 normaliser, and the seq-mean modes count only sequences with at least one token. Not reproduced: gspo's
@@ -32,7 +33,9 @@ import fastrl_kernels as fk
 from ..config import PolicyLossConfig
 from ..losses.policy import policy_loss_from_logprobs
 
-LOSS_MODES = {"vanilla": "clip", "gspo": "gspo_token", "sapo": "sapo", "cispo": "cispo"}
+LOSS_MODES = {"vanilla": "clip", "gspo": "gspo_token", "sapo": "sapo", "cispo": "cispo", "gpg": "gpg"}
+# Modes whose gradient flows through log_prob itself, outside verl's [-20, 20] log-ratio clamp.
+_UNCLAMPED = ("gspo_token", "cispo", "gpg")
 _AGG = {
     "token-mean": "token-mean",
     "token-sum": "sum",
@@ -154,7 +157,7 @@ def _verl_metrics(old_log_prob, log_prob, advantages, mask, cfg: PolicyLossConfi
 
 
 def make_policy_loss_fn(loss_mode: str = "vanilla"):
-    """A verl ``PolicyLossFn`` for ``loss_mode`` ("vanilla", "gspo", "sapo", "cispo") on our loss algebra.
+    """A verl ``PolicyLossFn`` for ``loss_mode`` (a key of ``LOSS_MODES``) on our loss algebra.
 
     Returns ``fn(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
     rollout_is_weights=None) -> (pg_loss 0-d, metrics dict of floats)``; all tensors ``[B, T]``,
@@ -167,15 +170,15 @@ def make_policy_loss_fn(loss_mode: str = "vanilla"):
                        config=None, rollout_is_weights=None):
         cfg = policy_config(config, loss_mode, loss_agg_mode)
         mask = response_mask.to(log_prob.dtype)
-        logp = log_prob if cfg.loss_type == "gspo_token" else _clamped_logp(log_prob, old_log_prob)
-        if cfg.loss_type == "cispo":  # cispo's gradient flows through log_prob itself, unclamped
-            logp = log_prob
+        logp = log_prob if cfg.loss_type in _UNCLAMPED else _clamped_logp(log_prob, old_log_prob)
         loss, _ = policy_loss_from_logprobs(
             logp, None, old_log_prob, advantages, mask, is_weights=rollout_is_weights,
             normalizer=verl_normalizer(response_mask, "seq-mean-token-mean" if loss_mode == "sapo"
                                        else loss_agg_mode, config),
             config=cfg,
         )
+        if cfg.loss_type == "gpg":  # verl's gpg reports no metrics
+            return loss, {}
         return loss, _verl_metrics(old_log_prob, log_prob, advantages, mask, cfg)
 
     policy_loss_fn.__name__ = f"fastrl_{loss_mode}_policy_loss"

@@ -11,13 +11,9 @@ from typing import Optional, Union
 import torch
 
 from ..config import check_normalizer
+from .aggregation_modes import AGGREGATIONS
 
 Normalizer = Optional[Union[float, int, torch.Tensor]]
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """sum(mask * values) / max(sum(mask), 1): 0 for an empty mask."""
-    return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 def aggregation_weights(mask: torch.Tensor, mode: str, normalizer: Normalizer = None, *,
@@ -29,18 +25,10 @@ def aggregation_weights(mask: torch.Tensor, mode: str, normalizer: Normalizer = 
     ``mask.sum().clamp(min=1.0)`` when the caller holds it already (token-mean's default divisor).
     """
     check_normalizer(normalizer)  # 0, negative, NaN or inf would give an inf / NaN / sign-flipped loss
-    batch, length = mask.shape
-    if mode == "seq-mean-token-mean":
-        weights = mask / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
-        default = float(batch)
-    elif mode == "token-mean":
-        weights, default = mask, (mask.sum().clamp(min=1.0) if token_count is None else token_count)
-    elif mode == "seq-mean-token-sum":
-        weights, default = mask, float(batch)
-    elif mode == "seq-mean-token-sum-norm":
-        weights, default = mask, float(batch * length)
-    elif mode == "sum":
-        weights, default = mask, 1.0
+    if mode == "token-mean" and token_count is not None:
+        weights, default = mask, token_count
+    elif mode in AGGREGATIONS:
+        weights, default = AGGREGATIONS[mode](mask)
     else:
         raise ValueError(f"loss_agg: unknown mode {mode!r}")
     return weights / (default if normalizer is None else normalizer)

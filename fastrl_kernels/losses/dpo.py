@@ -11,13 +11,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..config import DPOConfig
-from .dpo_types import pair_loss
-
-# Same constant as the reference (see there): the alpha-divergence exp cap.
-ALPHA_EXP_CAP = 80.0
+from .dpo_types import F_DIVERGENCE_SCORES, pair_loss
 
 
 def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -27,15 +23,9 @@ def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
 
 def f_divergence_scores(logratios: torch.Tensor, f_divergence: str, f_alpha: float) -> torch.Tensor:
     """Scores s = f'(e^u) (constants dropped) of f-DPO; see ``reference.dpo.f_divergence_scores``."""
-    if f_divergence == "reverse_kl" or (f_divergence == "alpha_divergence" and f_alpha == 1.0):
-        return logratios
-    if f_divergence == "forward_kl":
-        return -torch.exp(-logratios)
-    if f_divergence == "js_divergence":
-        return F.logsigmoid(logratios)
-    if f_divergence == "alpha_divergence":
-        return torch.exp(torch.clamp((f_alpha - 1.0) * logratios, max=ALPHA_EXP_CAP)) / (f_alpha - 1.0)
-    raise ValueError(f"f_divergence: unknown {f_divergence!r}")
+    if f_divergence not in F_DIVERGENCE_SCORES:
+        raise ValueError(f"f_divergence: unknown {f_divergence!r}")
+    return F_DIVERGENCE_SCORES[f_divergence](logratios, f_alpha)
 
 
 def check_pair_weights(chosen_weights: Optional[torch.Tensor], rejected_weights: Optional[torch.Tensor]) -> None:

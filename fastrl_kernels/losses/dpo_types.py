@@ -18,6 +18,26 @@ import torch.nn.functional as F
 
 # EXO's eps when label_smoothing is 0 (as the reference).
 EXO_DEFAULT_EPS = 1e-3
+# The alpha divergence's exponent is capped there: e^80 is finite in float32, and the scores only enter
+# through differences s_c - s_r scaled by beta.
+ALPHA_EXP_CAP = 80.0
+
+
+def _alpha_scores(u: torch.Tensor, alpha: float) -> torch.Tensor:
+    if alpha == 1.0:  # the reverse-KL limit
+        return u
+    return torch.exp(torch.clamp((alpha - 1.0) * u, max=ALPHA_EXP_CAP)) / (alpha - 1.0)
+
+
+# f-DPO: each DPOConfig.f_divergence name -> (u, f_alpha) -> the scores s = f'(e^u) of the log-ratios u,
+# constants dropped (they cancel in s_c - s_r). ``config.F_DIVERGENCES`` is this table's keys;
+# ``reference/dpo.F_DIVERGENCE_SCORES`` has its own float64 entry for each.
+F_DIVERGENCE_SCORES: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
+    "reverse_kl": lambda u, alpha: u,
+    "forward_kl": lambda u, alpha: -torch.exp(-u),
+    "js_divergence": lambda u, alpha: F.logsigmoid(u),
+    "alpha_divergence": _alpha_scores,
+}
 
 # loss(t, cfg) -> per-pair loss; t the dict of terms above, cfg a DPOConfig.
 PairLoss = Callable[[dict, Any], torch.Tensor]

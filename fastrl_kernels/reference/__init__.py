@@ -1,8 +1,8 @@
 """Float64 reference formulas: unfused, obvious, differentiable; the independent check of every backend.
 
 Nothing here imports the formulas of ``fastrl_kernels.losses`` or ``fastrl_kernels.ops`` (``config.py``, which
-the reference shares, takes the accepted names from the registry modules of ``losses/``). ``seed`` holds the
-seed document's numpy functions; it loads NumPy, so it is imported on first use
+the reference shares, takes the accepted names from the registry modules of ``losses/``). ``seed`` holds four
+numpy sketches of the losses (docs/design.md, "Seed functions"); it loads NumPy, so it is imported on first use
 (``fastrl_kernels.reference.seed`` or ``from fastrl_kernels.reference import seed``).
 """
 
@@ -27,14 +27,10 @@ __all__ = [
     "value_loss",
 ]
 
-try:
-    from . import dpo
-    from .dpo import *  # noqa: F403  (dpo_loss, sequence_logprobs, ...)
+from . import dpo
+from .dpo import *  # noqa: F403, E402  (dpo_loss, sequence_logprobs, ...)
 
-    __all__ += list(getattr(dpo, "__all__", []))
-except ModuleNotFoundError as error:  # the DPO reference is optional for the rest of the package
-    if error.name != f"{__name__}.dpo":
-        raise
+__all__ += dpo.__all__
 
 
 def __getattr__(name: str):

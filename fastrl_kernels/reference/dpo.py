@@ -36,6 +36,21 @@ ALPHA_EXP_CAP = 80.0
 EXO_DEFAULT_EPS = 1e-3
 
 
+def _alpha_divergence(u: torch.Tensor, f_alpha: float) -> torch.Tensor:
+    if f_alpha == 1.0:
+        return u
+    return torch.exp(torch.clamp((f_alpha - 1.0) * u, max=ALPHA_EXP_CAP)) / (f_alpha - 1.0)
+
+
+# f_divergence name -> (u, f_alpha) -> float64 scores, as listed in f_divergence_scores' docstring.
+F_DIVERGENCE_SCORES = {
+    "reverse_kl": lambda u, f_alpha: u,
+    "forward_kl": lambda u, f_alpha: -torch.exp(-u),
+    "js_divergence": lambda u, f_alpha: F.logsigmoid(u),
+    "alpha_divergence": _alpha_divergence,
+}
+
+
 def f_divergence_scores(logratios: torch.Tensor, f_divergence: str = "reverse_kl", f_alpha: float = 0.5):
     """Map log-ratios u = log(pi/pi_ref) to the scores f'(e^u) of f-DPO (Wang et al. 2023, "Beyond
     Reverse KL: Generalizing Direct Preference Optimization with Diverse Divergence Constraints",
@@ -48,19 +63,9 @@ def f_divergence_scores(logratios: torch.Tensor, f_divergence: str = "reverse_kl
       limit. This is current TRL's convention; earlier TRL versions wrote (1 - t^-alpha)/alpha, i.e.
       their alpha is our 1 - alpha (both agree at the default 0.5).
     """
-    u = logratios.double()
-    if f_divergence == "reverse_kl":
-        return u
-    if f_divergence == "forward_kl":
-        return -torch.exp(-u)
-    if f_divergence == "js_divergence":
-        return F.logsigmoid(u)
-    if f_divergence == "alpha_divergence":
-        if f_alpha == 1.0:
-            return u
-        return torch.exp(torch.clamp((f_alpha - 1.0) * u, max=ALPHA_EXP_CAP)) / (f_alpha - 1.0)
-    raise ValueError(f"f_divergence: expected one of reverse_kl, forward_kl, js_divergence, "
-                     f"alpha_divergence, got {f_divergence!r}")
+    if f_divergence not in F_DIVERGENCE_SCORES:
+        raise ValueError(f"f_divergence: expected one of {', '.join(F_DIVERGENCE_SCORES)}, got {f_divergence!r}")
+    return F_DIVERGENCE_SCORES[f_divergence](logratios.double(), f_alpha)
 
 
 def _smoothed_sigmoid(h: torch.Tensor, ls: float) -> torch.Tensor:

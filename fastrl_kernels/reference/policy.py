@@ -71,6 +71,18 @@ KL_TERMS = {
 }
 
 
+# Each canonical loss_agg name -> (x, m) -> (the masked total, the default divisor) of the docstring below,
+# formed here from the definitions (independently of losses/aggregation_modes.py, whose keys a test checks).
+AGGREGATIONS = {
+    "token-mean": lambda x, m: ((m * x).sum(), torch.clamp(m.sum(), min=1.0)),
+    "seq-mean-token-mean": lambda x, m: (((m * x).sum(dim=-1) / torch.clamp(m.sum(dim=-1), min=1.0)).sum(),
+                                         float(x.shape[0])),
+    "seq-mean-token-sum": lambda x, m: ((m * x).sum(), float(x.shape[0])),
+    "seq-mean-token-sum-norm": lambda x, m: ((m * x).sum(), float(x.shape[0] * x.shape[1])),
+    "sum": lambda x, m: ((m * x).sum(), 1.0),
+}
+
+
 def aggregate(
     values: torch.Tensor,
     mask: Optional[torch.Tensor],
@@ -93,18 +105,7 @@ def aggregate(
     mode = canonical_loss_agg(mode)
     x = _as_2d(values.to(torch.float64))
     m = _float_mask(None if mask is None else _as_2d(mask), x)
-    batch, length = x.shape
-    if mode == "seq-mean-token-mean":
-        per_seq = (m * x).sum(dim=-1) / torch.clamp(m.sum(dim=-1), min=1.0)
-        total, default = per_seq.sum(), float(batch)
-    elif mode == "token-mean":
-        total, default = (m * x).sum(), torch.clamp(m.sum(), min=1.0)
-    elif mode == "seq-mean-token-sum":
-        total, default = (m * x).sum(), float(batch)
-    elif mode == "seq-mean-token-sum-norm":
-        total, default = (m * x).sum(), float(batch * length)
-    else:  # "sum"
-        total, default = (m * x).sum(), 1.0
+    total, default = AGGREGATIONS[mode](x, m)
     divisor = default if normalizer is None else normalizer
     return total / _f64(divisor, x)
 

@@ -1,4 +1,4 @@
-"""The four numpy sketches of the design seed (GRPO on DeepSeek-R1), kept faithful in meaning.
+"""Four numpy sketches of GRPO-era losses (PPO with GAE, DPO, group advantages, GRPO), kept as written.
 
 numpy in, numpy out. Each is equal to a call of the package (docs/design.md, "Seed functions"), checked in
 tests/test_seed.py:
