@@ -98,7 +98,10 @@ RowSums row_sums(const T* z, int64_t V_, const Transform& tr, const T* next = nu
     V mx = S::set1(neg_inf);
     for (int64_t j = b0; j < full; j += W) mx = S::max(mx, S::load(z + j));
     if (full < b1) mx = S::max(mx, S::load_partial(z + full, b1 - full, neg_inf));
-    const float block_max = S::hmax(mx);
+    float block_max = S::hmax(mx);
+    // Under softcap a -inf logit is the finite -c: a block of them has a frame and adds to the sums. The
+    // clamp makes it compare above the initial -inf (std::max keeps a NaN block_max NaN).
+    if constexpr (SOFTCAP) block_max = std::max(block_max, kLowClamp);
     if (block_max > zmax) {
       const float new_vmax = scalar_v<S, SOFTCAP>(block_max, tr);
       if (zmax != neg_inf) {

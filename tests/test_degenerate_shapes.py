@@ -14,7 +14,7 @@ from fastrl_kernels.ops import advantages as ops
 from tests.backends_under_test import cpu_fused_backends
 
 # The Triton kernels run here under the interpreter (tests/conftest.py), cheap at these sizes.
-FUSED = cpu_fused_backends() + [b for b in fk.available_backends("cpu") if b == "triton"]
+FUSED = cpu_fused_backends(interpreted=True)
 BACKENDS = FUSED + ["reference"]
 V = 7
 EMPTY_LEADING = [(0,), (0, 4), (3, 0)]

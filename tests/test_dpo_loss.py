@@ -18,6 +18,7 @@ from fastrl_kernels.losses import dpo as fast
 from fastrl_kernels.ops.dpo_loss import DPOOutput, dpo_loss, fused_dpo_loss
 from fastrl_kernels.reference import dpo as ref
 from fastrl_kernels.testing import assert_close_to_reference
+from tests.backends_under_test import cpu_backends
 from tests.conftest import examples
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +151,7 @@ def test_dpo_loss_empty_batch_and_compile():
 # ---------------------------------------------------------------------------------------------
 # fused_dpo_loss vs reference.sequence_logprobs + reference.dpo_loss.
 
-BACKENDS = ["torch", "native"]
+BACKENDS = cpu_backends()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

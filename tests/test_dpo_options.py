@@ -16,6 +16,7 @@ from fastrl_kernels.losses import dpo as fast
 from fastrl_kernels.ops.dpo_loss import dpo_loss, fused_dpo_loss
 from fastrl_kernels.reference import dpo as ref
 from fastrl_kernels.testing import assert_close_to_reference
+from tests.backends_under_test import cpu_fused_backends
 
 # Two pairs (rows 0, 1 chosen; 2, 3 rejected), T = 6, V = 9. Position 0 is prompt in every row, a few
 # later positions are padding (mask 0) or carry ignore_index, so that mask, ignore_index and the response
@@ -133,7 +134,7 @@ def test_reference_backend_defaults_are_plain_dpo():
 # ---------------------------------------------------------------------------------------------
 # Fused backends: what must not change the result.
 
-@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("backend", cpu_fused_backends())
 @pytest.mark.parametrize("use_weighting", [False, True])
 def test_fused_garbage_logits_at_masked_positions_do_not_reach_the_loss(backend, use_weighting):
     """NaN and +-inf logits at prompt / padding positions: loss and rewards are those of the float64
@@ -160,7 +161,7 @@ def test_fused_garbage_logits_at_masked_positions_do_not_reach_the_loss(backend,
     assert bool(torch.isfinite(leaf.grad).all())
 
 
-@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("backend", cpu_fused_backends())
 def test_fused_default_leaves_the_logits_untouched(backend):
     """inplace_grad defaults to False: after backward the logits (a non-leaf, as a model's output) keep
     their values, and the gradient reaching their producer equals the explicit inplace_grad=False one."""

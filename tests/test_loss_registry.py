@@ -10,6 +10,7 @@ import fastrl_kernels as fk
 from fastrl_kernels.config import POLICY_LOSS_TYPES, PolicyLossConfig
 from fastrl_kernels.losses.policy_types import POLICY_LOSSES, RATIO_KINDS, policy_loss_type
 from fastrl_kernels.reference import policy as ref_policy
+from tests.backends_under_test import cpu_fused_backends
 from tests.test_integration_verl import _actor_config, core_algos  # noqa: F401 (a fixture)
 
 
@@ -59,7 +60,7 @@ def test_gpg_is_minus_advantage_times_logp(backend, loss_agg):
     torch.testing.assert_close(metrics["ratio_mean"].double(), (ratio * mask).sum() / mask.sum(), rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("backend", cpu_fused_backends())
 def test_gpg_on_logits_matches_the_reference(backend):
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(3, 5, 40, generator=g) * 2

@@ -17,7 +17,7 @@ import torch
 
 import fastrl_kernels as fk
 from fastrl_kernels.testing import assert_close_to_reference
-from tests.backends_under_test import cpu_fused_backends
+from tests.backends_under_test import device_of, every_backend
 
 UNDEFINED_ROWS = {None: (1, 2, 3), 4.0: (1,)}  # rows whose logp / entropy are NaN, by softcap
 
@@ -37,8 +37,9 @@ def _rows(seed: int = 0, v: int = 300):
 
 
 def _run(backend, z, y, softcap):
-    # Triton runs on the GPU where there is one (else under the interpreter); results come back to CPU.
-    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    # Each backend runs on its test device (Triton: the GPU where there is one, else the interpreter); the
+    # reference on CPU. Results come back to CPU.
+    device = "cpu" if backend == "reference" else device_of(backend)
     leaf = z.to(device).requires_grad_(True)
     logp, entropy = fk.token_logprobs(leaf, y.to(device), softcap=softcap, backend=backend)
     g = torch.Generator().manual_seed(1)
@@ -71,14 +72,7 @@ def _check(backend, softcap):
     assert_close_to_reference(grad[rows], want_grad[rows], dtype=torch.float32, kind="grad", name="gradient")
 
 
-@pytest.mark.parametrize("backend", cpu_fused_backends())
+@pytest.mark.parametrize("backend", every_backend())
 @pytest.mark.parametrize("softcap", [None, 4.0])
 def test_nonfinite_logits_match_the_reference(backend, softcap):
     _check(backend, softcap)
-
-
-@pytest.mark.triton
-@pytest.mark.parametrize("softcap", [None, 4.0])
-def test_nonfinite_logits_match_the_reference_on_triton(softcap):
-    pytest.importorskip("triton", reason="the triton package is not installed")
-    _check("triton", softcap)

@@ -17,7 +17,7 @@ from fastrl_kernels.testing import assert_close_to_reference
 from tests.backends_under_test import cpu_fused_backends
 
 NAN, INF = math.nan, math.inf
-FUSED = cpu_fused_backends() + [b for b in fk.available_backends("cpu") if b == "triton"]
+FUSED = cpu_fused_backends(interpreted=True)
 BACKENDS = FUSED + ["reference"]
 NOT_A_NUMBER = ["0.1", True, torch.tensor(0.5)]
 

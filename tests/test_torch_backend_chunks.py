@@ -1,8 +1,8 @@
 """The chunked PyTorch backend's two primitives (``fastrl_kernels.torch_backend``) on inputs of several
-chunks: values against the float64 reference, output dtypes and devices whatever torch's defaults are,
-the ``with_log_sum_p2`` and ``out=`` options, and the cost the module promises (each row read the same
-number of times whatever the number of chunks, grad's float32 work buffers of one chunk each, no
-resize warnings).
+chunks: values and ``out=`` against the float64 reference, output dtypes and devices whatever torch's
+defaults are, and the cost the module promises (each row read the same number of times whatever the
+number of chunks, grad's float32 work buffers of one chunk each, no resize warnings). The primitive
+contract every backend meets is ``tests/test_backend_contract.py``.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from torch.utils._pytree import tree_leaves
 
 from fastrl_kernels import torch_backend
 from fastrl_kernels.core import CoreParams
-from fastrl_kernels.reference.logprobs import token_stats
 from fastrl_kernels.testing.asserts import assert_close_to_reference
 from fastrl_kernels.testing.strategies import make_logits
+from tests.test_backend_contract import reference
 
 # V = 2^16 + 1: three rows per chunk (2^18 elements // V), so 5 rows are chunks of 3 and 2 rows.
 VOCAB = (1 << 16) + 1
@@ -41,15 +41,6 @@ def _inputs(rows=ROWS, vocab=VOCAB, dtype=torch.float32, seed=0, ignore=(), igno
     g_lp = 2 * torch.rand(rows, generator=g) - 1
     g_entropy = 2 * torch.rand(rows, generator=g) - 1
     return logits, targets, g_lp, g_entropy
-
-
-def _reference(logits, targets, params, g_lp, g_entropy):
-    """float64 stats on the same (rounded) logits and dL/dlogits of sum(g_lp logp + g_entropy H)."""
-    z = logits.detach().to(torch.float64).requires_grad_(True)
-    ref = token_stats(z, targets, temperature=params.temperature, logit_scale=params.logit_scale,
-                      softcap=params.softcap, ignore_index=params.ignore_index)
-    (ref.logp * g_lp.double() + ref.entropy * g_entropy.double()).sum().backward()
-    return ref, z.grad
 
 
 def _run(logits, targets, params, g_lp, g_entropy, out=None):
@@ -81,15 +72,16 @@ def test_chunk_size_rule():
         assert rows == n_rows or (rows + 1) * vocab > (1 << 18)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("transform", list(TRANSFORMS))
 def test_several_chunks_match_reference(transform, dtype):
     """stats (every field) and grad on 5 rows in chunks of 3 and 2 against the float64 reference;
-    an ignored row in the first chunk has logp = entropy = 0 and a zero gradient row."""
+    an ignored row in the first chunk has logp = entropy = 0 and a zero gradient row; ``out=`` and
+    ``out=logits`` (in place) receive the same bits chunk by chunk."""
     params = TRANSFORMS[transform]
     logits, targets, g_lp, g_entropy = _inputs(dtype=dtype, seed=3, ignore=(2,), ignore_index=params.ignore_index)
     stats, grad = _run(logits, targets, params, g_lp, g_entropy)
-    ref, ref_grad = _reference(logits, targets, params, g_lp, g_entropy)
+    ref, ref_grad = reference(logits, targets, params, g_lp, g_entropy)
     valid = targets != params.ignore_index
     for name in FIELDS:
         value = getattr(stats, name)
@@ -102,44 +94,12 @@ def test_several_chunks_match_reference(transform, dtype):
     assert_close_to_reference(grad, ref_grad, dtype=dtype, kind="grad", name="grad",
                               row_scale=g_lp.abs() + g_entropy.abs())
     assert torch.equal(grad[2], torch.zeros(VOCAB, dtype=dtype))
-
-
-def test_log_sum_p2_only_when_asked():
-    """Without ``with_log_sum_p2`` (default False) the field is None and the others are unchanged; with
-    it, a float32 [N] tensor equal to the reference's log sum_j p_j^2."""
-    params = TRANSFORMS["scale_and_temperature"]
-    logits, targets, _, _ = _inputs(seed=4)
-    default = torch_backend.stats(logits, targets, params)
-    explicit = torch_backend.stats(logits, targets, params, with_log_sum_p2=False)
-    asked = torch_backend.stats(logits, targets, params, with_log_sum_p2=True)
-    assert default.log_sum_p2 is None and explicit.log_sum_p2 is None
-    for name in FIELDS[:4]:
-        _assert_identical(getattr(default, name), getattr(explicit, name))
-        _assert_identical(getattr(asked, name), getattr(explicit, name))
-    ref = token_stats(logits, targets, temperature=params.temperature, logit_scale=params.logit_scale)
-    assert asked.log_sum_p2.dtype == torch.float32 and asked.log_sum_p2.shape == (ROWS,)
-    assert_close_to_reference(asked.log_sum_p2, ref.log_sum_p2, dtype=torch.float32, name="log_sum_p2")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_grad_into_out_and_in_place(dtype):
-    """``out=`` receives the gradient and is returned; ``out=logits`` overwrites the logits with it (the
-    in-place backward); both equal the gradient into a fresh tensor bit for bit."""
-    params = TRANSFORMS["softcap"]
-    logits, targets, g_lp, g_entropy = _inputs(dtype=dtype, seed=5)
-    stats = torch_backend.stats(logits, targets, params)
-    fresh = torch_backend.grad(logits, targets, stats, g_lp, g_entropy, params)
-    assert fresh.dtype == dtype and fresh.shape == logits.shape
-    ref, ref_grad = _reference(logits, targets, params, g_lp, g_entropy)
-    assert_close_to_reference(fresh, ref_grad, dtype=dtype, kind="grad", name="grad",
-                              row_scale=g_lp.abs() + g_entropy.abs())
     out = torch.full_like(logits, float("nan"))
     assert torch_backend.grad(logits, targets, stats, g_lp, g_entropy, params, out=out) is out
-    _assert_identical(out, fresh)
+    _assert_identical(out, grad)
     in_place = logits.clone()
     assert torch_backend.grad(in_place, targets, stats, g_lp, g_entropy, params, out=in_place) is in_place
-    _assert_identical(in_place, fresh)
-
+    _assert_identical(in_place, grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -155,7 +115,6 @@ def test_float64_default_dtype_changes_nothing(transform, dtype, float64_default
     for name in FIELDS:
         _assert_identical(getattr(stats, name), getattr(want_stats, name))
     _assert_identical(grad, want_grad)
-
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

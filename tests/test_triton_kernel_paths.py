@@ -18,8 +18,7 @@ pytestmark = pytest.mark.triton
 
 import fastrl_kernels.triton as ft  # noqa: E402
 from fastrl_kernels.core import CoreParams  # noqa: E402
-from fastrl_kernels.reference import token_stats  # noqa: E402
-from fastrl_kernels.testing import assert_close_to_reference  # noqa: E402
+from tests.test_backend_contract import check  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ONE_ROW = ft.LaunchConfig(block_v=64, rows=1, num_warps=2)
@@ -38,27 +37,12 @@ def _inputs(n_rows, vocab, seed, dtype=torch.float32, stride=None):
     logits = storage[:, :vocab].to(dtype) if stride is None else storage.to(dtype)[:, :vocab]
     targets = torch.randint(0, vocab, (n_rows,), generator=g)
     targets[1::4] = -100
-    g_lp, g_h = torch.randn(n_rows, generator=g), torch.randn(n_rows, generator=g)
-    return logits, targets, g_lp, g_h
+    return logits, targets
 
 
-def _check(logits, targets, g_lp, g_h, params, launch=ONE_ROW, out=None):
-    z = logits.detach().cpu().to(torch.float64).requires_grad_(True)
-    kw = dict(temperature=params.temperature, logit_scale=params.logit_scale, softcap=params.softcap)
-    ref = token_stats(z, targets, **kw)
-    (ref.logp * g_lp.double() + ref.entropy * g_h.double()).sum().backward()
-    dtype = logits.dtype
-    got = ft.stats(logits, targets.to(DEVICE), params, with_log_sum_p2=True, launch=launch)
-    valid = targets != -100
-    for field in ("logp", "entropy"):
-        assert_close_to_reference(getattr(got, field), getattr(ref, field).detach(), dtype=dtype, name=field)
-    for field in ("lse", "mean_x", "log_sum_p2"):  # ignored rows are not read: only the others have these
-        assert_close_to_reference(getattr(got, field)[valid.to(DEVICE)], getattr(ref, field).detach()[valid],
-                                  dtype=dtype, name=field)
-    grad = ft.grad(logits, targets.to(DEVICE), got, g_lp.to(DEVICE), g_h.to(DEVICE), params, out=out, launch=launch)
-    assert_close_to_reference(grad, z.grad, dtype=dtype, kind="grad", name="grad", row_scale=g_lp.abs() + g_h.abs())
-    assert bool((grad[targets.to(DEVICE) == -100] == 0).all())
-    return grad
+def _check(logits, targets, params, out=None):
+    """stats and grad with one row per program against the reference (tests/test_backend_contract.py)."""
+    return check("triton", logits, targets, params, out=out, launch=ONE_ROW)[1]
 
 
 @pytest.mark.parametrize("transform", sorted(PARAMS))
@@ -66,43 +50,41 @@ def _check(logits, targets, g_lp, g_h, params, launch=ONE_ROW, out=None):
 def test_one_row_per_program_head_blocks_and_tail(vocab, transform):
     """V = 320: full blocks only; 327: head, blocks and a tail; 13: a head that is the whole row;
     67: a row shorter than head + one block."""
-    logits, targets, g_lp, g_h = _inputs(9, vocab, seed=vocab)
-    _check(logits, targets, g_lp, g_h, PARAMS[transform])
+    logits, targets = _inputs(9, vocab, seed=vocab)
+    _check(logits, targets, PARAMS[transform])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_row_per_program_in_place(dtype):
-    logits, targets, g_lp, g_h = _inputs(7, 64 * 3 + 5, seed=1, dtype=dtype)
-    expected = _check(logits.clone(), targets, g_lp, g_h, PARAMS["temperature"])
+    logits, targets = _inputs(7, 64 * 3 + 5, seed=1, dtype=dtype)
+    expected = _check(logits.clone(), targets, PARAMS["temperature"])
     buffer = logits.clone()
-    grad = _check(buffer, targets, g_lp, g_h, PARAMS["temperature"], out=buffer)
-    assert grad.data_ptr() == buffer.data_ptr()
+    grad = _check(buffer, targets, PARAMS["temperature"], out=buffer)
     torch.testing.assert_close(grad, expected, rtol=0, atol=0)
 
 
 def test_row_stride_wider_than_the_vocabulary():
     """Rows 40 elements apart: every row's head differs, and out (contiguous) is aligned unlike the
     logits, so the gradient takes the masked path while the statistics take the peeled one."""
-    logits, targets, g_lp, g_h = _inputs(6, 64 + 29, seed=2, stride=64 + 29 + 40)
+    logits, targets = _inputs(6, 64 + 29, seed=2, stride=64 + 29 + 40)
     assert logits.stride(0) == 64 + 29 + 40
-    _check(logits, targets, g_lp, g_h, PARAMS["plain"])
+    _check(logits, targets, PARAMS["plain"])
 
 
 def test_dead_lanes_in_every_part_of_the_row():
-    logits, targets, g_lp, g_h = _inputs(5, 64 * 2 + 9, seed=3)
+    logits, targets = _inputs(5, 64 * 2 + 9, seed=3)
     targets[:] = torch.tensor([0, -100, 70, 136, 5])
     logits[:, [1, 4, 70 - 1, 100, 135]] = float("-inf")  # head, blocks and tail
     logits[4, :] = float("-inf")
     logits[4, 5] = 2.0  # a row with one live lane
-    grad = _check(logits, targets, g_lp, g_h, PARAMS["temperature"])
+    grad = _check(logits, targets, PARAMS["temperature"])
     assert bool((grad[:, [1, 4, 69, 100, 135]] == 0).all())
     assert torch.isfinite(grad).all()
 
 
 def test_huge_logits_keep_float32_accuracy_on_the_one_row_path():
-    logits, targets, g_lp, g_h = _inputs(6, 64 * 4 + 1, seed=4)
-    logits = logits * 3e3  # |z| ~ 1e4
-    _check(logits, targets, g_lp, g_h, PARAMS["temperature"])
+    logits, targets = _inputs(6, 64 * 4 + 1, seed=4)
+    _check(logits * 3e3, targets, PARAMS["temperature"])  # |z| ~ 1e4
 
 
 def test_launch_table_takes_the_one_row_path_for_large_vocabularies():

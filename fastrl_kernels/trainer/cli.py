@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from ..backends import PRIMITIVE_BACKENDS
 from ..config import BACKENDS
 from .algos import ALGOS, TrainConfig
 from .kernels import KERNELS
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_problem(cfg: TrainConfig, *, environment: bool = True) -> Optional[str]:
     """The first invalid option of ``cfg`` as one message naming its flag, or None.
-    ``environment``: also check what this machine offers (CUDA for --device cuda / --backend triton)."""
+    ``environment``: also check what this machine offers (CUDA for --device cuda, the device types of --backend)."""
     positive = ("steps", "batch_size", "group_size", "epochs", "d_model", "layers", "heads")
     for name in positive:
         if getattr(cfg, name) < 1:
@@ -99,8 +100,9 @@ def config_problem(cfg: TrainConfig, *, environment: bool = True) -> Optional[st
         return None
     if cfg.device == "cuda" and not torch.cuda.is_available():
         return "--device cuda: no CUDA device is available to this torch build; use --device cpu"
-    if cfg.backend == "triton" and cfg.device != "cuda":
-        return "--backend triton: expected --device cuda (Triton kernels run on the GPU)"
+    spec = PRIMITIVE_BACKENDS.get(cfg.backend)
+    if spec is not None and spec.devices is not None and cfg.device not in spec.devices:
+        return f"--backend {cfg.backend}: expected --device {' or '.join(spec.devices)} ({spec.note})"
     return None
 
 
