@@ -142,6 +142,8 @@ def fused_dpo_loss(
     inplace_grad: bool = False,
     temperature: float = 1.0,
     ignore_index: int = -100,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
     **overrides: Any,
 ) -> DPOOutput:
     """DPO-family loss straight from the policy logits of the concatenated batch (TRL's
@@ -156,10 +158,12 @@ def fused_dpo_loss(
         ref_chosen_logps, ref_rejected_logps: ``[B]`` reference sequence log-probs, formed like the
             policy's (same ``average_logps``; current TRL also applies ``ld_alpha`` to them).
         config / overrides: ``DPOConfig`` options. Sequence log-prob = sum over response tokens of
-            log softmax(logits / temperature)[target]; ``average_logps=True`` divides by the response
+            log softmax(x)[target] of the transformed logits x; ``average_logps=True`` divides by the response
             length (IPO-style; TRL does this for loss_type "ipo"), ``ld_alpha`` down-weights tokens
             past the shorter response of the pair (LD-DPO), ``use_weighting=True`` multiplies each pair's
             loss by its WPO weights (one more O(N) output of the core pass: log sum_v p_v^2).
+        temperature, logit_scale, softcap: the logit transform of ``token_logprobs`` (the softmax is that of
+            c tanh(logit_scale z / c) / temperature with softcap c, else logit_scale z / temperature).
         backend: "auto" | "torch" | "native" | "triton" | "reference" (float64, unfused, for testing).
         inplace_grad: backward writes the logits gradient into ``logits`` (overwritten then, with
             autograd's version counter bumped; zero extra N x V memory); ignored by "reference".
@@ -176,7 +180,7 @@ def fused_dpo_loss(
     if inplace_grad:
         refuse_shared_storage(logits, targets=targets, mask=mask, ref_chosen_logps=ref_chosen_logps,
                               ref_rejected_logps=ref_rejected_logps)
-    params = core_params(temperature, 1.0, None, ignore_index)
+    params = core_params(temperature, logit_scale, softcap, ignore_index)
     return route(
         backend, logits.device,
         lambda: dpo_loss_reference(logits, targets, response, ref_chosen_logps, ref_rejected_logps, cfg, params),

@@ -44,6 +44,7 @@ from .prepare import (
     core_params,
     hidden_rows,
     pair_inputs,
+    policy_config,
     policy_inputs,
     reference_logits,
     route,
@@ -145,6 +146,7 @@ def linear_policy_loss(
     ignore_index: int = -100,
     logit_scale: float = 1.0,
     softcap: Optional[float] = None,
+    temperature: Optional[float] = None,
     **config_overrides: Union[str, float, None],
 ) -> PolicyLossOutput:
     """``policy_loss(hidden @ weight^T + bias, targets, ...)`` without the N x V logits.
@@ -153,7 +155,7 @@ def linear_policy_loss(
         hidden: ``[B, T, H]`` (or ``[N, H]``: one sequence), fp32 / bf16 / fp16; weight ``[V, H]``, bias
             ``[V]`` or None, in the hidden dtype.
         targets, old_logprobs, advantages, mask, ref_logprobs, config / config_overrides, normalizer,
-            is_weights, ignore_index, logit_scale, softcap: exactly as ``policy_loss`` (leading shape
+            is_weights, ignore_index, temperature, logit_scale, softcap: exactly as ``policy_loss`` (leading shape
             ``[B, T]``; advantages ``[B, T]`` or ``[B]``; mask bool / {0,1}; targets == ignore_index masked).
         backend: as ``linear_token_logprobs``. chunk_size: token rows per chunk (None: automatic).
 
@@ -165,7 +167,7 @@ def linear_policy_loss(
         visited once (3 GEMMs); "gspo" / "gspo_token" couple a sequence's tokens and take two sweeps
         (4 GEMMs). Under ``torch.no_grad`` one GEMM per chunk.
     """
-    cfg = resolve_config(PolicyLossConfig, config, config_overrides)
+    cfg = policy_config(config, config_overrides, temperature)
     check_backend(backend)
     check_linear_inputs(hidden, weight, bias, targets, ignore_index)
     check_policy_inputs(hidden, old_logprobs, advantages, ref_logprobs, is_weights, normalizer, cfg, name="hidden")
@@ -217,6 +219,8 @@ def linear_dpo_loss(
     chunk_size: Optional[int] = None,
     temperature: float = 1.0,
     ignore_index: int = -100,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
     **overrides: Any,
 ) -> DPOOutput:
     """``fused_dpo_loss(hidden @ weight^T + bias, targets, mask, ...)`` without the N x V logits.
@@ -224,8 +228,9 @@ def linear_dpo_loss(
     Args:
         hidden: ``[2B, T, H]``, rows ``[0:B]`` chosen and ``[B:2B]`` rejected responses (TRL's concatenated
             batch), fp32 / bf16 / fp16; weight ``[V, H]`` and bias ``[V]`` (or None) in the hidden dtype.
-        targets, mask, ref_chosen_logps, ref_rejected_logps, config / overrides, temperature, ignore_index:
-            as ``fused_dpo_loss`` (every DPO type, ``average_logps``, ``ld_alpha``, WPO ``use_weighting``).
+        targets, mask, ref_chosen_logps, ref_rejected_logps, config / overrides, temperature, logit_scale,
+            softcap, ignore_index: as ``fused_dpo_loss`` (every DPO type, ``average_logps``, ``ld_alpha``, WPO
+            ``use_weighting``).
         backend, chunk_size: as ``linear_token_logprobs``.
 
     Returns:
@@ -237,7 +242,7 @@ def linear_dpo_loss(
     check_backend(backend)
     check_linear_inputs(hidden, weight, bias, targets, ignore_index)
     response = pair_inputs(hidden, targets, mask, ref_chosen_logps, ref_rejected_logps, ignore_index, "hidden")
-    params = core_params(temperature, 1.0, None, ignore_index)
+    params = core_params(temperature, logit_scale, softcap, ignore_index)
     loss_inputs = (response, ref_chosen_logps, ref_rejected_logps)
     return route(
         backend, hidden.device,

@@ -21,7 +21,7 @@ from ..core import CoreParams
 from ..losses import policy as policy_algebra
 from ..losses.aggregation import Normalizer
 from .fused import fused_logits_loss, refuse_shared_storage
-from .prepare import PolicyInputs, core_params, logits_rows, policy_inputs, route
+from .prepare import PolicyInputs, core_params, logits_rows, policy_config, policy_inputs, route
 
 
 class PolicyLossOutput(NamedTuple):
@@ -49,6 +49,7 @@ def policy_loss(
     ignore_index: int = -100,
     logit_scale: float = 1.0,
     softcap: Optional[float] = None,
+    temperature: Optional[float] = None,
     **config_overrides: Union[str, float, None],
 ) -> PolicyLossOutput:
     """Clipped-surrogate policy loss (+ KL to a reference, + entropy bonus) straight from logits.
@@ -61,7 +62,10 @@ def policy_loss(
         mask: bool or {0, 1} ``[B, T]`` (completion mask); None = all ones.
         ref_logprobs: ``[B, T]`` reference-policy log-probs for the KL term (required when kl_coef != 0).
         config: ``PolicyLossConfig``; keyword ``config_overrides`` replace its fields (loss_type, clip_eps_low,
-            clip_eps_high, delta, dual_clip, kl_coef, kl_estimator, entropy_coef, loss_agg, temperature, ...).
+            clip_eps_high, delta, dual_clip, kl_coef, kl_estimator, entropy_coef, loss_agg, ...).
+        temperature, logit_scale, softcap, ignore_index: the logit transform of ``token_logprobs``.
+            ``temperature`` is also a config field: the keyword replaces a config temperature of 1.0 and
+            raises a ValueError naming ``temperature`` when the config holds another, different value.
         normalizer: replaces the aggregation's denominator (global token count for DAPO / TRL's
             ``num_items_in_batch``; number of sequences for the seq-mean modes).
         is_weights: per-token importance weights (no grad) multiplying the policy term (TRL's vLLM IS
@@ -78,7 +82,7 @@ def policy_loss(
         GRPO loss (loss_type "grpo" / "bnpo" / "dr_grpo" / "dapo" via ``loss_agg``) and verl's
         ``compute_policy_loss`` (``loss_agg_mode`` names, dual clip) on the same inputs.
     """
-    cfg = resolve_config(PolicyLossConfig, config, config_overrides)
+    cfg = policy_config(config, config_overrides, temperature)
     check_backend(backend)
     check_logits_targets(logits, targets, ignore_index)
     check_policy_inputs(logits, old_logprobs, advantages, ref_logprobs, is_weights, normalizer, cfg)

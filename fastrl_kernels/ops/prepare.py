@@ -4,6 +4,7 @@ An op checks its arguments (``config.py``), then composes these steps:
 
     core_params      the logit transform (temperature, logit_scale, softcap) and ignore_index, checked,
                      as the CoreParams every backend and the reference read
+    policy_config    PolicyLossConfig from config, keyword overrides and the ``temperature`` keyword
     logits_rows,     ``[..., V]`` logits or ``[..., H]`` hidden states as ``[N, *]`` rows, with the tokens
     hidden_rows      outside a keep mask folded into ignore_index (the kernels never read those rows)
     policy_inputs    mask, advantages and per-token tensors of the policy family as the [B, T] the
@@ -33,6 +34,7 @@ from ..config import (
     check_same_device,
     check_shape,
     check_temperature,
+    resolve_config,
 )
 from ..core import CoreParams
 from ..losses import policy as policy_algebra
@@ -55,6 +57,18 @@ def transform_options(params: CoreParams) -> dict:
     """``params`` as the keywords of the reference functions."""
     return dict(temperature=params.temperature, logit_scale=params.logit_scale, softcap=params.softcap,
                 ignore_index=params.ignore_index)
+
+
+def policy_config(config: Optional[PolicyLossConfig], overrides: dict, temperature: Optional[float]):
+    """The config of a policy op. ``temperature`` is a config field and a keyword of every op on logits;
+    the keyword overrides a config left at the default 1.0 and must agree with any other value."""
+    if temperature is not None:
+        check_temperature(temperature)
+        if isinstance(config, PolicyLossConfig) and config.temperature not in (1.0, temperature):
+            raise ValueError(f"temperature: given twice with different values, {config.temperature!r} in config "
+                             f"and {temperature!r} as a keyword; give it once")
+        overrides = {**overrides, "temperature": temperature}
+    return resolve_config(PolicyLossConfig, config, overrides)
 
 
 class Rows(NamedTuple):
