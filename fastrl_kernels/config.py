@@ -212,31 +212,49 @@ def check_same_device(reference_name: str, reference: torch.Tensor, **others: Op
             )
 
 
-def check_logits_targets(logits: Any, targets: Any, ignore_index: int = -100) -> None:
-    """logits ``[N, V]`` or ``[B, T, V]`` float; targets int64 of the leading shape, in [0, V) or ignore_index.
-
-    The range check runs only on CPU tensors (on CUDA it would sync the host).
-    """
-    check_float_tensor("logits", logits, (torch.float32, torch.bfloat16, torch.float16, torch.float64))
-    if logits.dim() not in (2, 3):
-        raise ValueError(f"logits: expected shape [N, V] or [B, T, V], got {tuple(logits.shape)}")
-    if logits.shape[-1] < 1:
-        raise ValueError(f"logits: expected a vocabulary dimension >= 1, got {tuple(logits.shape)}")
+def check_targets(targets: Any, leading: Sequence[int], vocab: int, ignore_index: int, like_name: str,
+                  like: torch.Tensor) -> None:
+    """int64 ``targets`` of shape ``leading`` (that of ``like_name`` without its last dimension) on the
+    device of ``like``, in [0, vocab) or ignore_index. The range check reads values on the host: it runs
+    only on CPU tensors (on an accelerator it would sync the host) and never while torch.compile traces."""
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets: expected an int64 torch.Tensor, got {type(targets).__name__}")
     if targets.dtype != torch.int64:
         raise TypeError(f"targets: expected dtype torch.int64, got {targets.dtype}")
-    check_shape("targets", targets, logits.shape[:-1], "the leading shape of logits")
-    check_same_device("logits", logits, targets=targets)
-    # The range check reads values on the host: skipped on CUDA (a sync) and while torch.compile traces.
+    check_shape("targets", targets, leading, f"the leading shape of {like_name}")
+    check_same_device(like_name, like, targets=targets)
     if targets.device.type == "cpu" and targets.numel() > 0 and not torch.compiler.is_compiling():
-        vocab = logits.shape[-1]
         bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
         if bool(bad.any()):
-            value = int(targets[bad][0])
-            raise ValueError(
-                f"targets: expected values in [0, {vocab}) or ignore_index={ignore_index}, got {value}"
-            )
+            raise ValueError(f"targets: expected values in [0, {vocab}) or ignore_index={ignore_index}, "
+                             f"got {int(targets[bad][0])}")
+
+
+def check_logits_targets(logits: Any, targets: Any, ignore_index: int = -100) -> None:
+    """logits ``[N, V]`` or ``[B, T, V]`` float; targets int64 of the leading shape, in [0, V) or ignore_index."""
+    check_float_tensor("logits", logits, FLOAT_DTYPES)
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"logits: expected shape [N, V] or [B, T, V], got {tuple(logits.shape)}")
+    if logits.shape[-1] < 1:
+        raise ValueError(f"logits: expected a vocabulary dimension >= 1, got {tuple(logits.shape)}")
+    check_targets(targets, logits.shape[:-1], logits.shape[-1], ignore_index, "logits", logits)
+
+
+def check_linear_inputs(hidden: Any, weight: Any, bias: Any, targets: Any, ignore_index: int) -> None:
+    """hidden ``[N, H]`` / ``[B, T, H]``, weight ``[V, H]``, bias ``[V]``, same float dtype and device;
+    targets as ``check_targets`` with V the rows of weight."""
+    check_float_tensor("hidden", hidden, FLOAT_DTYPES)
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden: expected shape [N, H] or [B, T, H], got {tuple(hidden.shape)}")
+    check_float_tensor("weight", weight, (hidden.dtype,))
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
+        raise ValueError(f"weight: expected shape [V, {hidden.shape[-1]}] (V >= 1, H of hidden), "
+                         f"got {tuple(weight.shape)}")
+    if bias is not None:
+        check_float_tensor("bias", bias, (hidden.dtype,))
+        check_shape("bias", bias, (weight.shape[0],), "[V], the rows of weight")
+    check_same_device("hidden", hidden, weight=weight, bias=bias)
+    check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index, "hidden", hidden)
 
 
 def as_float_mask(mask: Optional[torch.Tensor], shape: Sequence[int], like: torch.Tensor, name: str = "mask", *,
@@ -252,6 +270,32 @@ def as_float_mask(mask: Optional[torch.Tensor], shape: Sequence[int], like: torc
     if mask.is_floating_point() or mask.dtype in (torch.int32, torch.int64, torch.uint8, torch.int8):
         return mask.to(torch.float32)
     raise TypeError(f"{name}: expected a bool or {{0,1}} numeric tensor, got {mask.dtype}")
+
+
+def check_policy_inputs(like: torch.Tensor, old_logprobs, advantages, ref_logprobs, is_weights, normalizer,
+                        cfg: PolicyLossConfig, *, leading: Optional[Sequence[int]] = None,
+                        name: str = "logits") -> None:
+    """The per-token inputs of every policy-loss entry point: float tensors of the token shape ``leading``
+    ([B, T] or [N]; default: ``like``'s shape without its last dimension), advantages per token or
+    ``[B]`` per sequence, all on the device of ``like`` (named ``name``)."""
+    what = f"the leading shape of {name}" if leading is None else f"the shape of {name}"
+    leading = tuple(like.shape[:-1]) if leading is None else tuple(leading)
+    batch = leading[0] if len(leading) == 2 else None
+    for arg, tensor in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs), ("is_weights", is_weights)):
+        if tensor is not None:
+            check_float_tensor(arg, tensor)
+            check_shape(arg, tensor, leading, what)
+    check_float_tensor("advantages", advantages)
+    if tuple(advantages.shape) != leading and (batch is None or tuple(advantages.shape) != (batch,)):
+        expected = f"{leading} per token" + (f" or ({batch},) per sequence" if batch is not None else "")
+        raise ValueError(f"advantages: expected shape {expected}, got {tuple(advantages.shape)}")
+    check_same_device(
+        name, like, old_logprobs=old_logprobs, advantages=advantages, ref_logprobs=ref_logprobs,
+        is_weights=is_weights, normalizer=normalizer if isinstance(normalizer, torch.Tensor) else None,
+    )
+    if cfg.kl_coef != 0.0 and ref_logprobs is None:
+        raise ValueError(f"ref_logprobs: required when kl_coef != 0 (kl_coef={cfg.kl_coef}), got None")
+    check_normalizer(normalizer)
 
 
 DPO_LOSS_TYPES = tuple(DPO_LOSSES)  # the registry's keys (losses/dpo_types.py)

@@ -1,5 +1,6 @@
 """Input checks of the lm_head ops, message by message, and the choices they make from the inputs: the
-chunk size from the hidden dtype, the stats-only route when nothing requires a gradient."""
+chunk size from the hidden dtype, the stats-only route when nothing requires a gradient; the target range
+check, which reads the targets on the host, stays off while torch.compile traces."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import fastrl_kernels as fk
+from fastrl_kernels import config as checks
 from fastrl_kernels.ops import linear_chunks
 from fastrl_kernels.ops.linear import count_gemms
 from tests.test_linear import _problem
@@ -72,7 +74,7 @@ def test_bias_and_targets_messages_in_full():
     hidden, weight, bias, targets = _inputs()
     _refused(ValueError, "bias: expected shape (23,) ([V], the rows of weight), got (3,)", hidden, weight, targets,
              bias=bias[:3])
-    _refused(TypeError, "targets: expected an int64 torch.Tensor, got torch.int32", hidden, weight, targets.int())
+    _refused(TypeError, "targets: expected dtype torch.int64, got torch.int32", hidden, weight, targets.int())
     _refused(TypeError, "targets: expected an int64 torch.Tensor, got list", hidden, weight, [1, 2, 3, 4])
     _refused(ValueError, "targets: expected shape (4,) (the leading shape of hidden), got (3,)", hidden, weight,
              targets[:3])
@@ -95,3 +97,22 @@ def test_an_input_on_another_device_is_refused_by_name(name):
     args[name] = args[name].to("meta")
     _refused(ValueError, f"{name}: expected a tensor on cpu like hidden, got meta", hidden, args["weight"],
              args["targets"], bias=args["bias"])
+
+
+@pytest.mark.parametrize("check", ["linear", "logits"])
+def test_target_range_check_is_off_while_tracing(check):
+    hidden, weight = torch.randn(4, 8), torch.randn(31, 8)
+    targets = torch.tensor([0, 5, 99, -100])  # 99 is out of range: refused eagerly on CPU
+
+    def run(h, w, t):
+        if check == "linear":
+            checks.check_linear_inputs(h, w, None, t, -100)
+        else:
+            checks.check_logits_targets(h @ w.t(), t, -100)
+        return h.sum()
+
+    with pytest.raises(ValueError, match=r"^targets: expected values in \[0, 31\) or ignore_index=-100, got 99"):
+        run(hidden, weight, targets)
+    torch._dynamo.reset()
+    # a host read of the targets would be a data-dependent branch, which fullgraph=True refuses
+    torch.testing.assert_close(torch.compile(run, fullgraph=True)(hidden, weight, targets), hidden.sum())

@@ -16,7 +16,6 @@ import torch
 from ..config import (
     FLOAT_DTYPES,
     DPOConfig,
-    as_float_mask,
     check_backend,
     check_float_tensor,
     check_logits_targets,
@@ -24,9 +23,10 @@ from ..config import (
     check_shape,
     resolve_config,
 )
+from ..core import CoreParams
 from ..losses.dpo import check_pair_weights, dpo_metrics, dpo_pair_losses, fused_dpo_objective, pair_mean
 from .fused import fused_logits_loss, refuse_shared_storage
-from .logprobs import core_params
+from .prepare import core_params, logits_rows, pair_inputs, route, transform_options
 
 
 class DPOOutput(NamedTuple):
@@ -39,6 +39,12 @@ class DPOOutput(NamedTuple):
     rejected_rewards: torch.Tensor
     margins: torch.Tensor
     accuracy: torch.Tensor
+
+    @classmethod
+    def from_aux(cls, loss: torch.Tensor, aux: dict) -> DPOOutput:
+        """The output of the fused objective (``losses.dpo.fused_dpo_objective``), metrics as float32."""
+        return cls(loss, *(aux[key].float() for key in ("chosen_rewards", "rejected_rewards", "margins",
+                                                         "accuracy")))
 
 
 def _check_pair_tensors(**named: Optional[torch.Tensor]) -> None:
@@ -100,17 +106,18 @@ def dpo_loss(
                      metrics["accuracy"])
 
 
-def _reference_fused(logits, targets, mask, ref_chosen, ref_rejected, cfg, params) -> DPOOutput:
+def dpo_loss_reference(logits, targets, response, ref_chosen, ref_rejected, cfg: DPOConfig,
+                       params: CoreParams) -> DPOOutput:
     """backend="reference": the float64 formulas of ``reference.dpo``, unfused, autograd to the logits."""
     from ..reference import dpo as ref
 
-    options = dict(temperature=params.temperature, ignore_index=params.ignore_index)
-    seq = ref.sequence_logprobs(logits, targets, mask, average=cfg.average_logps, ld_alpha=cfg.ld_alpha,
+    options = transform_options(params)
+    seq = ref.sequence_logprobs(logits, targets, response, average=cfg.average_logps, ld_alpha=cfg.ld_alpha,
                                 **options)
     half = seq.shape[0] // 2
     chosen_w = rejected_w = None
     if cfg.use_weighting:
-        weights = ref.wpo_weights(logits, targets, mask, **options)
+        weights = ref.wpo_weights(logits, targets, response, **options)
         chosen_w, rejected_w = weights[:half], weights[half:]
     losses, chosen_rewards, rejected_rewards = ref.dpo_loss(
         seq[:half], seq[half:], ref_chosen, ref_rejected, beta=cfg.beta, loss_type=cfg.loss_type,
@@ -135,6 +142,8 @@ def fused_dpo_loss(
     inplace_grad: bool = False,
     temperature: float = 1.0,
     ignore_index: int = -100,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
     **overrides: Any,
 ) -> DPOOutput:
     """DPO-family loss straight from the policy logits of the concatenated batch (TRL's
@@ -149,10 +158,12 @@ def fused_dpo_loss(
         ref_chosen_logps, ref_rejected_logps: ``[B]`` reference sequence log-probs, formed like the
             policy's (same ``average_logps``; current TRL also applies ``ld_alpha`` to them).
         config / overrides: ``DPOConfig`` options. Sequence log-prob = sum over response tokens of
-            log softmax(logits / temperature)[target]; ``average_logps=True`` divides by the response
+            log softmax(x)[target] of the transformed logits x; ``average_logps=True`` divides by the response
             length (IPO-style; TRL does this for loss_type "ipo"), ``ld_alpha`` down-weights tokens
             past the shorter response of the pair (LD-DPO), ``use_weighting=True`` multiplies each pair's
             loss by its WPO weights (one more O(N) output of the core pass: log sum_v p_v^2).
+        temperature, logit_scale, softcap: the logit transform of ``token_logprobs`` (the softmax is that of
+            c tanh(logit_scale z / c) / temperature with softcap c, else logit_scale z / temperature).
         backend: "auto" | "torch" | "native" | "triton" | "reference" (float64, unfused, for testing).
         inplace_grad: backward writes the logits gradient into ``logits`` (overwritten then, with
             autograd's version counter bumped; zero extra N x V memory); ignored by "reference".
@@ -165,32 +176,23 @@ def fused_dpo_loss(
     cfg = resolve_config(DPOConfig, config, overrides)
     check_backend(backend)
     check_logits_targets(logits, targets, ignore_index)
-    if logits.dim() != 3 or logits.shape[0] < 2 or logits.shape[0] % 2:
-        raise ValueError(f"logits: expected shape [2B, T, V] with an even number 2B >= 2 of rows "
-                         f"(chosen then rejected), got {tuple(logits.shape)}")
-    rows, steps, vocab = logits.shape
-    response = as_float_mask(mask, (rows, steps), logits) * (targets != ignore_index).to(torch.float32)
-    for name, tensor in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
-        check_float_tensor(name, tensor, FLOAT_DTYPES)
-        check_shape(name, tensor, (rows // 2,), "[B], half the rows of logits")
-    check_same_device("logits", logits, ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
+    response = pair_inputs(logits, targets, mask, ref_chosen_logps, ref_rejected_logps, ignore_index, "logits")
     if inplace_grad:
         refuse_shared_storage(logits, targets=targets, mask=mask, ref_chosen_logps=ref_chosen_logps,
                               ref_rejected_logps=ref_rejected_logps)
-    params = core_params(temperature, 1.0, None, ignore_index)
-    if backend == "reference":
-        return _reference_fused(logits, targets, response, ref_chosen_logps, ref_rejected_logps, cfg, params)
-    # Prompt and padding tokens become ignored rows, which the kernels skip.
-    flat_targets = torch.where(response.reshape(-1) > 0, targets.reshape(-1), ignore_index)
-    loss, _, _, aux = fused_logits_loss(
-        logits.reshape(rows * steps, vocab),
-        flat_targets,
-        partial(fused_dpo_objective, cfg),
-        (response, ref_chosen_logps, ref_rejected_logps),
-        params=params,
-        backend=backend,
-        inplace_grad=inplace_grad,
-        with_log_sum_p2=cfg.use_weighting,
+    params = core_params(temperature, logit_scale, softcap, ignore_index)
+    return route(
+        backend, logits.device,
+        lambda: dpo_loss_reference(logits, targets, response, ref_chosen_logps, ref_rejected_logps, cfg, params),
+        lambda name: _fused_dpo_loss(logits, targets, response, ref_chosen_logps, ref_rejected_logps, cfg, params,
+                                     name, inplace_grad),
     )
-    return DPOOutput(loss, aux["chosen_rewards"].float(), aux["rejected_rewards"].float(),
-                     aux["margins"].float(), aux["accuracy"].float())
+
+
+def _fused_dpo_loss(logits, targets, response, ref_chosen, ref_rejected, cfg, params, backend, inplace_grad):
+    # Prompt and padding tokens become ignored rows, which the kernels skip.
+    rows = logits_rows(logits, targets, response > 0, params.ignore_index)
+    loss, _, _, aux = fused_logits_loss(rows, partial(fused_dpo_objective, cfg), (response, ref_chosen, ref_rejected),
+                                        params=params, backend=backend, inplace_grad=inplace_grad,
+                                        with_log_sum_p2=cfg.use_weighting)
+    return DPOOutput.from_aux(loss, aux)

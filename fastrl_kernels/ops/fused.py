@@ -13,9 +13,9 @@ from collections.abc import Callable
 
 import torch
 
-from ..backends import resolve_backend
 from ..core import CoreParams
 from .logprobs import token_stats
+from .prepare import Rows
 
 LossFn = Callable[..., "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
@@ -35,8 +35,7 @@ def refuse_shared_storage(logits: torch.Tensor, **others) -> None:
 
 
 def fused_logits_loss(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
+    rows: Rows,
     loss_fn: LossFn,
     loss_inputs: tuple = (),
     *,
@@ -45,19 +44,16 @@ def fused_logits_loss(
     inplace_grad: bool,
     with_log_sum_p2: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """A scalar loss of per-token (logp, entropy) of ``logits [N, V]``.
+    """A scalar loss of per-token (logp, entropy) of prepared logits ``rows`` (``prepare.logits_rows``).
 
     ``loss_fn(logp [N] f32, entropy [N] f32, log_sum_p2 [N] or None, *loss_inputs) -> (loss 0-d, aux)``
     is differentiable PyTorch on O(N) tensors; ``aux`` is a dict of tensors returned detached.
     Returns ``(loss fp32 0-d, logp [N] fp32, entropy [N] fp32, aux)``. logp and entropy may feed other
-    losses too: their gradients join the loss's before the one pass 2. ``backend`` is a concrete or
-    "auto" name (not "reference"); ``inplace_grad=True`` overwrites ``logits`` with the gradient during
-    backward (autograd's version counter is bumped: a graph that saved them raises).
+    losses too: their gradients join the loss's before the one pass 2. ``backend`` is a concrete name
+    (``prepare.route``); ``inplace_grad=True`` overwrites the logits with the gradient during backward
+    (autograd's version counter is bumped: a graph that saved them raises).
     """
-    backend = resolve_backend(backend, logits.device)
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()
-    logp, entropy, log_sum_p2 = token_stats(logits, targets, backend, params, inplace_grad=inplace_grad,
+    logp, entropy, log_sum_p2 = token_stats(rows.rows, rows.targets, backend, params, inplace_grad=inplace_grad,
                                             with_log_sum_p2=with_log_sum_p2)
     loss, aux = loss_fn(logp, entropy, log_sum_p2, *loss_inputs)
     return loss, logp, entropy, {key: value.detach() if value.requires_grad else value for key, value in aux.items()}

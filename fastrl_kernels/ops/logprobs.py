@@ -11,9 +11,10 @@ from typing import Optional
 
 import torch
 
-from ..backends import primitives, resolve_backend
-from ..config import check_backend, check_logits_targets, check_real, check_temperature
+from ..backends import primitives
+from ..config import check_backend, check_logits_targets
 from ..core import CoreParams, CoreStats
+from .prepare import Rows, core_params, logits_rows, route, transform_options
 
 
 def refuse_double_backward(op: str) -> None:
@@ -27,24 +28,6 @@ def refuse_double_backward(op: str) -> None:
             f"{op}: double backward (create_graph=True) is not supported by the fused backends, whose "
             "gradient is computed outside autograd; use backend='reference' for higher-order gradients"
         )
-
-
-def core_params(temperature: float, logit_scale: float, softcap: Optional[float], ignore_index: int) -> CoreParams:
-    check_temperature(temperature)
-    check_real("logit_scale", logit_scale, "a number > 0", lambda x: x > 0)
-    if softcap is not None:
-        # inf would be "no softcap" spelt another way, and gives inf * tanh(0) = NaN: None says it.
-        check_real("softcap", softcap, "None or a number > 0", lambda x: x > 0)
-    return CoreParams(float(temperature), float(logit_scale), None if softcap is None else float(softcap),
-                      int(ignore_index))
-
-
-def flatten_rows(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[..., V]`` logits as ``[N, V]`` rows with unit stride in V (a view when the layout allows)."""
-    rows = logits.reshape(-1, logits.shape[-1])
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    return rows, targets.reshape(-1)
 
 
 # The two primitives as torch.library custom ops, so torch.compile(fullgraph=True) traces every loss
@@ -214,18 +197,20 @@ def token_logprobs(
     check_backend(backend)
     check_logits_targets(logits, targets, ignore_index)
     params = core_params(temperature, logit_scale, softcap, ignore_index)
-    leading = logits.shape[:-1]
-    if backend == "reference":
-        from ..reference import token_logprobs as reference_token_logprobs
-
-        logp, entropy = reference_token_logprobs(
-            logits, targets, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
-            ignore_index=ignore_index,
-        )
-        logp, entropy = logp.float(), entropy.float()
-    else:
-        concrete = resolve_backend(backend, logits.device)
-        rows, flat_targets = flatten_rows(logits, targets)
-        logp, entropy, _ = token_stats(rows, flat_targets, concrete, params)
-        logp, entropy = logp.view(leading), entropy.view(leading)
+    logp, entropy = route(backend, logits.device, lambda: token_logprobs_reference(logits, targets, params),
+                          lambda name: rows_logprobs(logits_rows(logits, targets), name, params))
     return logp, (entropy if with_entropy else None)
+
+
+def token_logprobs_reference(logits: torch.Tensor, targets: torch.Tensor, params: CoreParams) -> tuple:
+    """backend="reference": the float64 formulas (``reference.token_logprobs``), as float32."""
+    from ..reference import token_logprobs as reference_token_logprobs
+
+    logp, entropy = reference_token_logprobs(logits, targets, **transform_options(params))
+    return logp.float(), entropy.float()
+
+
+def rows_logprobs(rows: Rows, backend: str, params: CoreParams) -> tuple:
+    """``(logp, entropy)`` of prepared logits rows on a concrete backend, in the leading shape."""
+    logp, entropy, _ = token_stats(rows.rows, rows.targets, backend, params)
+    return rows.unflatten(logp, entropy)

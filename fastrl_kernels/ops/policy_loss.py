@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -13,15 +12,16 @@ from ..config import (
     check_backend,
     check_float_tensor,
     check_logits_targets,
-    check_normalizer,
+    check_policy_inputs,
     check_same_device,
     check_shape,
     resolve_config,
 )
+from ..core import CoreParams
 from ..losses import policy as policy_algebra
 from ..losses.aggregation import Normalizer
 from .fused import fused_logits_loss, refuse_shared_storage
-from .logprobs import core_params, flatten_rows
+from .prepare import PolicyInputs, core_params, logits_rows, policy_config, policy_inputs, route
 
 
 class PolicyLossOutput(NamedTuple):
@@ -31,37 +31,6 @@ class PolicyLossOutput(NamedTuple):
     logprobs: torch.Tensor
     entropy: torch.Tensor
     metrics: dict[str, torch.Tensor]
-
-
-def _batch_shape(leading: torch.Size) -> tuple[int, int]:
-    return (leading[0], leading[1]) if len(leading) == 2 else (1, leading[0])
-
-
-def _check_policy_inputs(logits, old_logprobs, advantages, ref_logprobs, is_weights, normalizer, cfg,
-                         *, leading=None, name="logits"):
-    """The checks shared by every policy-loss entry point; ``leading`` (default: logits' shape without V)
-    is the token shape ``[B, T]`` or ``[N]``, ``logits`` the tensor whose device the others must share."""
-    what = f"the leading shape of {name}" if leading is None else f"the shape of {name}"
-    leading = tuple(logits.shape[:-1]) if leading is None else tuple(leading)
-    batch = leading[0] if len(leading) == 2 else None
-    for arg, tensor in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs), ("is_weights", is_weights)):
-        if tensor is not None:
-            check_float_tensor(arg, tensor)
-            check_shape(arg, tensor, leading, what)
-    check_float_tensor("advantages", advantages)
-    if batch is not None and tuple(advantages.shape) == (batch,):
-        pass
-    else:
-        expected = f"{leading} per token" + (f" or ({batch},) per sequence" if batch is not None else "")
-        if tuple(advantages.shape) != leading:
-            raise ValueError(f"advantages: expected shape {expected}, got {tuple(advantages.shape)}")
-    check_same_device(
-        name, logits, old_logprobs=old_logprobs, advantages=advantages, ref_logprobs=ref_logprobs,
-        is_weights=is_weights, normalizer=normalizer if isinstance(normalizer, torch.Tensor) else None,
-    )
-    if cfg.kl_coef != 0.0 and ref_logprobs is None:
-        raise ValueError(f"ref_logprobs: required when kl_coef != 0 (kl_coef={cfg.kl_coef}), got None")
-    check_normalizer(normalizer)
 
 
 def policy_loss(
@@ -80,6 +49,7 @@ def policy_loss(
     ignore_index: int = -100,
     logit_scale: float = 1.0,
     softcap: Optional[float] = None,
+    temperature: Optional[float] = None,
     **config_overrides: Union[str, float, None],
 ) -> PolicyLossOutput:
     """Clipped-surrogate policy loss (+ KL to a reference, + entropy bonus) straight from logits.
@@ -92,7 +62,10 @@ def policy_loss(
         mask: bool or {0, 1} ``[B, T]`` (completion mask); None = all ones.
         ref_logprobs: ``[B, T]`` reference-policy log-probs for the KL term (required when kl_coef != 0).
         config: ``PolicyLossConfig``; keyword ``config_overrides`` replace its fields (loss_type, clip_eps_low,
-            clip_eps_high, delta, dual_clip, kl_coef, kl_estimator, entropy_coef, loss_agg, temperature, ...).
+            clip_eps_high, delta, dual_clip, kl_coef, kl_estimator, entropy_coef, loss_agg, ...).
+        temperature, logit_scale, softcap, ignore_index: the logit transform of ``token_logprobs``.
+            ``temperature`` is also a config field: the keyword replaces a config temperature of 1.0 and
+            raises a ValueError naming ``temperature`` when the config holds another, different value.
         normalizer: replaces the aggregation's denominator (global token count for DAPO / TRL's
             ``num_items_in_batch``; number of sequences for the seq-mean modes).
         is_weights: per-token importance weights (no grad) multiplying the policy term (TRL's vLLM IS
@@ -109,57 +82,44 @@ def policy_loss(
         GRPO loss (loss_type "grpo" / "bnpo" / "dr_grpo" / "dapo" via ``loss_agg``) and verl's
         ``compute_policy_loss`` (``loss_agg_mode`` names, dual clip) on the same inputs.
     """
-    cfg = resolve_config(PolicyLossConfig, config, config_overrides)
+    cfg = policy_config(config, config_overrides, temperature)
     check_backend(backend)
     check_logits_targets(logits, targets, ignore_index)
-    _check_policy_inputs(logits, old_logprobs, advantages, ref_logprobs, is_weights, normalizer, cfg)
+    check_policy_inputs(logits, old_logprobs, advantages, ref_logprobs, is_weights, normalizer, cfg)
     if inplace_grad:
         refuse_shared_storage(logits, targets=targets, old_logprobs=old_logprobs, advantages=advantages, mask=mask,
                               ref_logprobs=ref_logprobs, is_weights=is_weights,
                               normalizer=normalizer if isinstance(normalizer, torch.Tensor) else None)
-    leading = logits.shape[:-1]
-    kept = targets != ignore_index
-    float_mask = kept.to(torch.float32) if mask is None else as_float_mask(mask, leading, logits) * kept
+    inputs = policy_inputs(logits, targets, mask, old_logprobs, advantages, ref_logprobs, is_weights, normalizer,
+                           ignore_index)
     params = core_params(cfg.temperature, logit_scale, softcap, ignore_index)  # checks them for every backend
-    if backend == "reference":
-        from ..reference import policy_loss as reference_policy_loss
-
-        loss, logp, entropy, metrics = reference_policy_loss(
-            logits, targets, old_logprobs, advantages, float_mask, ref_logprobs=ref_logprobs,
-            normalizer=normalizer, is_weights=is_weights, config=cfg, ignore_index=ignore_index,
-            logit_scale=logit_scale, softcap=softcap,
-        )
-        return PolicyLossOutput(
-            loss.float(), logp.float(), entropy.float(), {k: v.float() for k, v in metrics.items()}
-        )
-    shape = _batch_shape(leading)
-    rows, flat_targets = flatten_rows(logits, targets)
-    # Masked tokens become ignored rows: the kernels then skip them (a zero gradient row written
-    # without reading, and no read in pass 1 where the backend supports it).
-    unmasked = float_mask > 0
-    flat_targets = torch.where(unmasked.reshape(-1), flat_targets, ignore_index)
-    adv = advantages.float()
-    adv = adv.reshape(shape[0], 1) if adv.dim() == 1 and len(leading) == 2 else adv.reshape(shape)
-
-    def as_bt(tensor):
-        return None if tensor is None else tensor.float().reshape(shape)
-
-    loss_fn = partial(_loss_on_rows, cfg=cfg, shape=shape)
-    loss, logp, entropy, metrics = fused_logits_loss(
-        rows, flat_targets, loss_fn,
-        (as_bt(old_logprobs), adv, float_mask.reshape(shape), unmasked.reshape(shape), as_bt(ref_logprobs),
-         as_bt(is_weights), normalizer),
-        params=params, backend=backend, inplace_grad=inplace_grad, with_log_sum_p2=False,
+    return route(
+        backend, logits.device,
+        lambda: policy_loss_reference(logits, targets, old_logprobs, advantages, inputs.mask, ref_logprobs,
+                                      is_weights, normalizer, cfg, params),
+        lambda name: _fused_policy_loss(logits, targets, inputs, cfg, params, name, inplace_grad),
     )
-    return PolicyLossOutput(loss, logp.view(leading), entropy.view(leading), metrics)
 
 
-def _loss_on_rows(logp, entropy, _log_sum_p2, old, adv, mask, unmasked, ref, is_weights, normalizer, *, cfg, shape):
-    # The kernels return logp = entropy = 0 at ignored rows, which the masked tokens are.
-    return policy_algebra.masked_policy_loss(
-        logp.view(shape), entropy.view(shape), old, adv, mask, unmasked, ref, is_weights, normalizer, cfg,
-        zero_where_masked=True,
+def policy_loss_reference(logits, targets, old_logprobs, advantages, float_mask, ref_logprobs, is_weights,
+                          normalizer, cfg: PolicyLossConfig, params: CoreParams) -> PolicyLossOutput:
+    """backend="reference": the float64 formulas (``reference.policy_loss``), as float32."""
+    from ..reference import policy_loss as reference_policy_loss
+
+    loss, logp, entropy, metrics = reference_policy_loss(
+        logits, targets, old_logprobs, advantages, float_mask, ref_logprobs=ref_logprobs, normalizer=normalizer,
+        is_weights=is_weights, config=cfg, ignore_index=params.ignore_index, logit_scale=params.logit_scale,
+        softcap=params.softcap,
     )
+    return PolicyLossOutput(loss.float(), logp.float(), entropy.float(), {k: v.float() for k, v in metrics.items()})
+
+
+def _fused_policy_loss(logits, targets, inputs: PolicyInputs, cfg, params, backend, inplace_grad) -> PolicyLossOutput:
+    rows = logits_rows(logits, targets, inputs.keep, params.ignore_index)
+    loss, logp, entropy, metrics = fused_logits_loss(rows, inputs.loss_fn(cfg), inputs.loss_inputs, params=params,
+                                                     backend=backend, inplace_grad=inplace_grad,
+                                                     with_log_sum_p2=False)
+    return PolicyLossOutput(loss, *rows.unflatten(logp, entropy), metrics)
 
 
 def policy_loss_from_logprobs(
@@ -202,8 +162,8 @@ def policy_loss_from_logprobs(
     check_float_tensor("old_logprobs", old_logprobs)
     if isinstance(advantages, torch.Tensor) and len(leading) == 2 and tuple(advantages.shape) == (leading[0], 1):
         advantages = advantages[:, 0]  # [B, 1]: per sequence, as [B]
-    _check_policy_inputs(logp, old_logprobs, advantages, ref_logprobs, is_weights, normalizer, cfg,
-                         leading=leading, name="logp")
+    check_policy_inputs(logp, old_logprobs, advantages, ref_logprobs, is_weights, normalizer, cfg,
+                        leading=leading, name="logp")
     check_same_device("logp", logp, entropy=entropy)
     float_mask = as_float_mask(mask, leading, logp, like_name="logp", what="the shape of logp")
     float_mask = float_mask.to(torch.promote_types(logp.dtype, torch.float32))
