@@ -21,32 +21,19 @@ from collections.abc import Callable
 import torch
 
 from fastrl_kernels import native, torch_backend
+from fastrl_kernels.benchmarks import measure
+from fastrl_kernels.benchmarks.naive import naive_token_logprobs
 from fastrl_kernels.core import CoreParams
 
 
 def best_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: first-touch page faults, lazy init
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def copy_bandwidth(numel: int, repeats: int) -> float:
-    """Bytes read + written per second by ``dst.copy_(src)`` of ``numel`` float32."""
-    src = torch.ones(numel)
-    dst = torch.zeros(numel)
-    seconds = best_seconds(lambda: dst.copy_(src), repeats)
-    return 2 * numel * 4 / seconds
+    """The fastest of ``repeats`` calls after one untimed call (first-touch page faults, lazy init)."""
+    return min(measure.time_step(fn, "cpu", warmup=1, repeats=repeats, max_seconds=float("inf"))) / 1e3
 
 
 def naive_eager(logits, targets, g_lp, g_entropy):
     z = logits.detach().requires_grad_(True)
-    logp_all = torch.log_softmax(z, dim=-1)
-    logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    logp, entropy = naive_token_logprobs(z, targets)
     (logp * g_lp + entropy * g_entropy).sum().backward()
     return z.grad
 
@@ -91,7 +78,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     native.load()
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
-    copy_bps = copy_bandwidth(max(n * v for n, v in shapes), args.repeats)
+    copy_bps = measure.copy_bandwidth("cpu", 4 * max(n * v for n, v in shapes), args.repeats) * 1e9
     print(
         f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {args.threads}, "
         f"native isa {native.load().isa}, {time.strftime('%Y-%m-%d %H:%M')}"

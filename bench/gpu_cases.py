@@ -95,13 +95,12 @@ def _fk_stats_grad_inplace(x: Inputs) -> Callable[[], object]:
 
 
 def naive_loss(logits, targets, g_lp, g_entropy, temperature: float) -> torch.Tensor:
-    """Plain PyTorch: log_softmax + gather + entropy in float32, L = sum g_lp logp + g_H H over rows
-    whose target is not -100."""
-    valid = targets != -100
-    log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
-    logp = log_p.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    entropy = -(log_p.exp() * log_p).sum(-1)
-    return ((g_lp * logp + g_entropy * entropy) * valid).sum()
+    """Plain PyTorch (the benchmarks' naive baseline): log_softmax + gather + entropy in float32,
+    L = sum g_lp logp + g_H H over rows whose target is not -100."""
+    from fastrl_kernels.benchmarks.naive import naive_token_logprobs
+
+    logp, entropy = naive_token_logprobs(logits, targets, temperature, ignore_index=-100)
+    return (g_lp * logp + g_entropy * entropy).sum()
 
 
 def _naive_setup(x: Inputs, loss_fn) -> Callable[[], object]:

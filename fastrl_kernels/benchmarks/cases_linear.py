@@ -61,12 +61,10 @@ def ours(inputs: dict) -> torch.Tensor:
 
 
 def naive(inputs: dict) -> torch.Tensor:
-    logits = inputs["hidden"] @ inputs["weight"].t()
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, inputs["targets"].unsqueeze(-1)).squeeze(-1)
-    ratio = torch.exp(logp - inputs["old_logprobs"])
-    adv, mask = inputs["advantages"], inputs["mask"].float()
-    per_token = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2))
-    loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    from .naive import naive_linear_policy_loss
+
+    loss = naive_linear_policy_loss(inputs["hidden"], inputs["weight"], inputs["targets"], inputs["old_logprobs"],
+                                    inputs["advantages"], inputs["mask"])
     loss.backward()
     return loss.detach()
 
