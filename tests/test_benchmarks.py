@@ -169,3 +169,14 @@ def test_cli_runs_in_process_and_lists(tmp_path, capsys):
     # Re-rendering from the JSON measures nothing and writes the same kinds of files.
     assert cli.main(["--from-json", str(out), "--markdown", str(tmp_path / "again.md")]) == 0
     assert "ours[torch]" in (tmp_path / "again.md").read_text()
+
+
+def test_linear_family_runs_through_the_suite():
+    family = cases.families()["linear_policy_loss"]
+    assert family.shape_keys == ("N", "V", "H")
+    rows = runner.run_suite("cpu", ops=["linear_policy_loss"], shapes=["16x300x8", "16x300"], repeats=1,
+                            max_seconds=5.0, isolate=False, log=lambda line: None)
+    measured = {r["impl"]: r for r in rows if r["status"] == "ok"}
+    assert {"naive", "ours[torch]"} <= set(measured), rows
+    assert all(r["shape"] == {"N": 16, "V": 300, "H": 8} for r in rows)
+    assert measured["naive"]["grad_bytes"] == (16 + 300) * 8 * 4

@@ -194,7 +194,7 @@ def run_suite(
     warmup = 1 if warmup is None else warmup
     repeats = (3 if quick else 5) if repeats is None else repeats
     max_seconds = (15.0 if quick else 60.0) if max_seconds is None else max_seconds
-    known = families(log)
+    known = families()
     selected = list(known) if not ops else list(ops)
     unknown = [op for op in selected if op not in known]
     if unknown:
