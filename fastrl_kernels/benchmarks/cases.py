@@ -11,9 +11,10 @@ that line and goes on.
 
 An *op family* (``OpFamily``) is what ``--ops`` selects: a name, a ``make_cases(shape, dtype, device)``
 returning its cases for one shape, and its default shapes per device and mode. Families live in
-``cases_logits.py`` (token_logprobs, policy_loss) and ``cases_linear.py`` (linear_policy_loss, the
-lm_head path), each exposing ``FAMILIES: list[OpFamily]``; ``families()`` lists them all. A new family
-is a module with its own ``FAMILIES`` added to ``families()``.
+``cases_logits.py`` (token_logprobs, policy_loss), ``cases_linear.py`` (linear_policy_loss, the
+lm_head path) and ``cases_primitives.py`` (the backends' stats and grad), each exposing
+``FAMILIES: list[OpFamily]``; ``families()`` lists them all. A new family is a module with its own
+``FAMILIES`` added to ``families()``.
 
 Implementation names the suite knows (others are allowed; ``setup`` alone decides if they run):
 ``naive`` (eager PyTorch), ``naive-compile`` (``torch.compile`` of naive), ``trl`` (TRL's
@@ -94,10 +95,11 @@ class OpFamily:
 
 
 def families() -> dict[str, OpFamily]:
-    """All op families by name, in a stable order (the logits path, then the lm_head path)."""
-    from . import cases_linear, cases_logits
+    """All op families by name, in a stable order (the logits path, the lm_head path, the primitives)."""
+    from . import cases_linear, cases_logits, cases_primitives
 
-    return {family.op: family for module in (cases_logits, cases_linear) for family in module.FAMILIES}
+    modules = (cases_logits, cases_linear, cases_primitives)
+    return {family.op: family for module in modules for family in module.FAMILIES}
 
 
 def canonical_dtype(name: str) -> str:

@@ -48,7 +48,7 @@ def unavailable_reason(impl: str, device: str, compile_mode: str = "auto") -> Op
     try:
         if impl == "trl":
             peers.trl_logprobs()
-        elif impl == "liger":
+        elif impl.startswith("liger"):
             peers.liger_grpo_loss()
     except Unavailable as error:
         return str(error)
