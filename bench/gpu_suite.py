@@ -10,7 +10,7 @@ GB/s is the op's essential traffic (bytes read + written: N V itemsize for stats
 a forward + backward: read for the statistics, read + write for the gradient) over that time, "% peak"
 compares it with the device's HBM bandwidth, and peak extra MB is ``torch.cuda.max_memory_allocated``
 minus what the inputs hold. All rows are valid unless ``--masked-frac`` is set.
-Add a case in bench/gpu_cases.py (``@register``).
+The cases are implementations of fastrl-bench's ``primitives`` family, named in bench/gpu_cases.py.
 Benchmarks record numbers and never assert on them.
 """
 
@@ -37,8 +37,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO))
 
-from gpu_cases import CASES, Case, make_inputs  # noqa: E402
+from gpu_cases import CASES, Case, make_inputs, missing  # noqa: E402
 
+from fastrl_kernels.benchmarks.cases import Unavailable  # noqa: E402
 from fastrl_kernels.benchmarks.measure import cuda_event_times, cuda_peak_extra, hbm_peak_tbps  # noqa: E402
 
 SHAPES = [(n, v) for n in (4096, 8192, 16384) for v in (32000, 128256, 151936)]
@@ -47,22 +48,23 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def run_case(case: Case, n: int, v: int, args: argparse.Namespace, peak_tbps: Optional[float]) -> dict:
     row = {"case": case.name, "n": n, "v": v, "dtype": args.dtype, "temperature": args.temperature}
-    reason = case.missing()
+    reason = missing(case)
     if reason is not None:
         return {**row, "status": "skipped", "error": reason}
-    x = None
+    fn = None
     try:
-        x = make_inputs(n, v, DTYPES[args.dtype], args.temperature, args.masked_frac)
-        fn = case.setup(x)
+        fn = case.setup(case.bench_case(n, v, args.dtype, args.temperature, args.masked_frac))
         fn()  # compiles (Triton / torch.compile) outside the measurements
         peak_extra = cuda_peak_extra(fn)
         times = cuda_event_times(fn, warmup=args.warmup, repeats=args.repeats)
+    except Unavailable as error:
+        return {**row, "status": "skipped", "error": str(error)}
     except torch.cuda.OutOfMemoryError as error:
         return {**row, "status": "oom", "error": str(error).splitlines()[0]}
     except Exception as error:  # a peer's API drift must not stop the suite
         return {**row, "status": "error", "error": f"{type(error).__name__}: {error}"[:500]}
     finally:
-        del x
+        del fn
         torch.cuda.empty_cache()
     median = statistics.median(times)
     traffic = case.passes * n * v * torch.empty((), dtype=DTYPES[args.dtype]).element_size()
