@@ -90,24 +90,15 @@ def clipped_per_token(
 
 
 def clipped_policy_terms(
-    logp: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    ref_logprobs: Optional[torch.Tensor],
-    *,
-    clip_eps_low: float = 0.2,
-    clip_eps_high: float = 0.2,
-    kl_coef: float = 0.0,
+    logp: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    ref_logprobs: Optional[torch.Tensor] = None, **clip: float,
 ) -> torch.Tensor:
-    """PPO / GRPO clipped surrogate + k3 KL, token-mean over the mask; O(N) work on ``[B, T]`` tensors.
-
-    Matches ``fk.policy_loss(..., loss_agg="token-mean", kl_estimator="k3")`` (TRL's "bnpo" / "dapo"
-    without a global normaliser).
+    """PPO / GRPO clipped surrogate + k3 KL (``clipped_per_token``; ``clip``: clip_eps_low, clip_eps_high,
+    kl_coef), token-mean over the mask; O(N) work on ``[B, T]`` tensors. Matches
+    ``fk.policy_loss(..., loss_agg="token-mean", kl_estimator="k3")`` (TRL's "bnpo" / "dapo" without a
+    global normaliser).
     """
-    per_token, _ = clipped_per_token(logp, old_logprobs, advantages, ref_logprobs, clip_eps_low=clip_eps_low,
-                                     clip_eps_high=clip_eps_high, kl_coef=kl_coef)
-    return token_mean(per_token, mask)
+    return token_mean(clipped_per_token(logp, old_logprobs, advantages, ref_logprobs, **clip)[0], mask)
 
 
 def naive_policy_loss(
@@ -138,24 +129,13 @@ def naive_policy_loss(
 
 
 def naive_linear_policy_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    ref_logprobs: Optional[torch.Tensor] = None,
-    *,
-    temperature: float = 1.0,
-    clip_eps_low: float = 0.2,
-    clip_eps_high: float = 0.2,
-    kl_coef: float = 0.0,
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *args: Any, temperature: float = 1.0, **clip: Any
 ) -> torch.Tensor:
     """The lm_head path by hand: logits = hidden W^T (all ``[N, V]`` at once), fp32 log_softmax, gather,
-    the clipped loss token-mean over ``mask``; no entropy. Leading shapes of hidden and targets match."""
+    then ``clipped_policy_terms(logp, *args, **clip)`` (old_logprobs, advantages, mask, ref_logprobs;
+    clip_eps_low, clip_eps_high, kl_coef); no entropy. Leading shapes of hidden and targets match."""
     logp, _ = naive_token_logprobs(hidden @ weight.t(), targets, temperature, with_entropy=False)
-    return clipped_policy_terms(logp, old_logprobs, advantages, mask, ref_logprobs, clip_eps_low=clip_eps_low,
-                                clip_eps_high=clip_eps_high, kl_coef=kl_coef)
+    return clipped_policy_terms(logp, *args, **clip)
 
 
 def policy_loss_for_config(
