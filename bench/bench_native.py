@@ -2,110 +2,71 @@
 
 Usage: python bench/bench_native.py [--threads 2] [--repeats 5] [--shapes 4096x32000,1024x151936]
 
-For each shape (fp32 logits, normal(0, 2^2), temperature 1) it times
+A preset of fastrl-bench's runner (``fastrl_kernels.benchmarks``): the ``primitives`` family (fp32
+logits, normal(0, 2^2), temperature 1) in this process, for
   native stats          pass 1 (reads the logits once)
-  native stats+grad     pass 1 + pass 2 into a preallocated buffer (reads twice, writes once)
+  native stats+grad     pass 1 + pass 2 into a new buffer (reads twice, writes once)
   torch stats+grad      the same two primitives from ``fastrl_kernels.torch_backend``
   naive eager fwd+bwd   log_softmax + gather + entropy, then autograd backward
-and prints the best time, the bytes moved by the logits / gradient (read + written) per second, that
-rate as a share of a large-tensor copy measured in the same run, and speedups. No assertions.
+and prints the median time, the bytes moved by the logits / gradient (read + written) per second,
+that rate as a share of a large-tensor copy measured in the same run, and each time over native
+stats+grad's. No assertions.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
-from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from fastrl_kernels import native, torch_backend
-from fastrl_kernels.core import CoreParams
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fastrl_kernels import native  # noqa: E402
+from fastrl_kernels.benchmarks.runner import run_suite  # noqa: E402
+
+ROWS = (  # (case, implementation, label), in print order
+    ("primitives/stats", "ours[native]", "native stats"),
+    ("primitives/stats+grad", "ours[native]", "native stats+grad"),
+    ("primitives/stats+grad", "ours[torch]", "torch_backend stats+grad"),
+    ("primitives/stats+grad", "naive", "naive eager fwd+bwd"),
+)
 
 
-def best_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: first-touch page faults, lazy init
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def copy_bandwidth(numel: int, repeats: int) -> float:
-    """Bytes read + written per second by ``dst.copy_(src)`` of ``numel`` float32."""
-    src = torch.ones(numel)
-    dst = torch.zeros(numel)
-    seconds = best_seconds(lambda: dst.copy_(src), repeats)
-    return 2 * numel * 4 / seconds
-
-
-def naive_eager(logits, targets, g_lp, g_entropy):
-    z = logits.detach().requires_grad_(True)
-    logp_all = torch.log_softmax(z, dim=-1)
-    logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    (logp * g_lp + entropy * g_entropy).sum().backward()
-    return z.grad
-
-
-def run_shape(n: int, v: int, repeats: int, copy_bps: float) -> list:
-    g = torch.Generator().manual_seed(0)
-    logits = 2.0 * torch.randn(n, v, generator=g)
-    targets = torch.randint(0, v, (n,), generator=g)
-    g_lp = torch.rand(n, generator=g) - 0.5
-    g_entropy = torch.rand(n, generator=g) - 0.5
-    params = CoreParams()
-    out = torch.empty_like(logits)
-    elem = n * v * logits.element_size()
-
-    def native_both():
-        stats = native.stats(logits, targets, params)
-        return native.grad(logits, targets, stats, g_lp, g_entropy, params, out=out)
-
-    def torch_both():
-        stats = torch_backend.stats(logits, targets, params)
-        return torch_backend.grad(logits, targets, stats, g_lp, g_entropy, params, out=out)
-
-    cases = [
-        ("native stats", lambda: native.stats(logits, targets, params), elem),
-        ("native stats+grad", native_both, 3 * elem),
-        ("torch_backend stats+grad", torch_both, 3 * elem),
-        ("naive eager fwd+bwd", lambda: naive_eager(logits, targets, g_lp, g_entropy), 3 * elem),
-    ]
-    rows = []
-    for name, fn, nbytes in cases:
-        seconds = best_seconds(fn, repeats)
-        rows.append((f"{n}x{v}", name, seconds, nbytes / seconds, nbytes / seconds / copy_bps))
-    return rows
-
-
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shapes", default="4096x32000,1024x151936")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    native.load()
-    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
-    copy_bps = copy_bandwidth(max(n * v for n, v in shapes), args.repeats)
+    rows = run_suite("cpu", ops=["primitives"], shapes=args.shapes.split(","), impls=["ours[native]", "ours[torch]"],
+                     compile_mode="off", repeats=args.repeats, max_seconds=float("inf"), isolate=False,
+                     log=lambda line: None)
+    copy_gbps = rows[0]["copy_gbps"] if rows else float("nan")
     print(
         f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {args.threads}, "
         f"native isa {native.load().isa}, {time.strftime('%Y-%m-%d %H:%M')}"
     )
-    print(f"# copy bandwidth (read + write): {copy_bps / 1e9:.1f} GB/s")
+    print(f"# copy bandwidth (read + write): {copy_gbps:.1f} GB/s")
     header = f"{'shape':>12}  {'case':<32}{'ms':>9}{'GB/s':>8}{'% copy':>8}{'native x':>10}"
     print(header)
     print("-" * len(header))
-    for n, v in shapes:
-        rows = run_shape(n, v, args.repeats, copy_bps)
-        native_both = rows[1][2]
-        for shape, name, seconds, bps, share in rows:
-            speedup = f"{seconds / native_both:.1f}" if "stats+grad" in name or "fwd+bwd" in name else ""
-            print(f"{shape:>12}  {name:<32}{seconds * 1e3:9.1f}{bps / 1e9:8.1f}{100 * share:7.0f}%{speedup:>10}")
+    found = {(r["N"], r["V"], r["case"], r["impl"]): r for r in rows if r["status"] == "ok"}
+    for shape in args.shapes.split(","):
+        n, v = (int(x) for x in shape.split("x"))
+        base = found.get((n, v, "primitives/stats+grad", "ours[native]"))
+        for case, impl, label in ROWS:
+            row = found.get((n, v, case, impl))
+            if row is None:
+                print(f"{shape:>12}  {label:<32}  not measured")
+                continue
+            ratio = f"{row['time_ms'] / base['time_ms']:.1f}" if base and case.endswith("+grad") else ""
+            print(f"{shape:>12}  {label:<32}{row['time_ms']:9.1f}{row['gbps']:8.1f}"
+                  f"{row['pct_copy_bandwidth']:7.0f}%{ratio:>10}")
 
 
 if __name__ == "__main__":

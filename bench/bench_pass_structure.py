@@ -30,6 +30,7 @@ import torch
 
 import fastrl_kernels as fk
 from fastrl_kernels import native
+from fastrl_kernels.benchmarks.measure import time_step
 from fastrl_kernels.benchmarks.naive import naive_policy_loss
 
 OPTIONS = dict(loss_type="clip", clip_eps_high=0.28, kl_coef=0.04, kl_estimator="k3", entropy_coef=0.01,
@@ -87,9 +88,7 @@ def main(argv=None) -> int:
                                      backend=args.backend, inplace_grad=kind in ("inplace", "masked"), **OPTIONS)
                 torch.autograd.grad(out.loss, leaf)
 
-        start = time.perf_counter()
-        run()
-        return time.perf_counter() - start
+        return time_step(run, "cpu", warmup=0, repeats=1)[0] / 1e3
 
     kinds = ["token_logprobs", "policy_loss", "inplace", "masked", "naive"]
     for kind in kinds:  # warm-up: extension build, first-touch page faults

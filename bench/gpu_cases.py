@@ -1,24 +1,69 @@
-"""The cases bench/gpu_suite.py times on a GPU: our Triton primitives, naive PyTorch (eager and
-compiled) and Liger-Kernel's GRPO loss, each a setup that returns the step to time.
+"""The cases bench/gpu_suite.py times on a GPU: names for the implementations of fastrl-bench's
+``primitives`` family (``fastrl_kernels/benchmarks/cases_primitives.py``: our Triton primitives, naive
+PyTorch eager and compiled, Liger-Kernel's GRPO loss), which builds the inputs and the step to time.
 
-A case is registered with ``@register(name, description, passes)``: ``passes`` is how many times the
-step moves the N x V logits (1: a read; 3: a read, then a read and a write), the traffic its GB/s is
-computed from; ``missing`` says why the case cannot run here (a peer that is not installed).
+A case names the family's variant (``stats``: 1 pass over the N x V logits, a read; ``stats+grad``: 3
+passes, a read, then a read and a write) and implementation. A new case is a row of ``CASES``; a new
+implementation belongs in the family.
 """
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from fastrl_kernels.benchmarks import cases_primitives
+from fastrl_kernels.benchmarks.cases import BenchCase, canonical_dtype
+
+
+@dataclass(frozen=True)
+class Case:
+    """A benchmarked op: ``variant`` of the primitives family ("stats" or "stats+grad") run by ``impl``."""
+
+    name: str
+    description: str
+    variant: str
+    impl: str
+
+    @property
+    def passes(self) -> int:
+        """The essential traffic in units of N V itemsize."""
+        return 1 if self.variant == "stats" else 3
+
+    def bench_case(self, n: int, v: int, dtype: str, temperature: float, masked_frac: float) -> BenchCase:
+        family = cases_primitives.FAMILIES[0]
+        case = next(c for c in family.make_cases({"N": n, "V": v}, canonical_dtype(dtype), "cuda")
+                    if c.name == f"primitives/{self.variant}")
+        return dataclasses.replace(case, params={"temperature": temperature, "masked_frac": masked_frac})
+
+    def setup(self, case: BenchCase) -> Callable[[], object]:
+        """The step to time (raises ``Unavailable`` when it cannot run here)."""
+        return case.setup(case, self.impl)
+
+
+CASES: list[Case] = [
+    Case("fk_stats", "fastrl Triton stats: logprobs + entropy forward (pass 1)", "stats", "ours[triton]"),
+    Case("fk_stats_grad", "fastrl Triton stats + grad into a new buffer (fused fwd + bwd)", "stats+grad",
+         "ours[triton]"),
+    Case("fk_stats_grad_inplace", "fastrl Triton stats + grad written over the logits", "stats+grad",
+         "ours[triton]+inplace"),
+    Case("torch_eager", "naive eager PyTorch log_softmax + gather + entropy, fwd + bwd", "stats+grad", "naive"),
+    Case("torch_compile", "torch.compile of the naive loss, fwd + bwd (compile time excluded)", "stats+grad",
+         "naive-compile"),
+    Case("liger_grpo", "Liger-Kernel triton_grpo_loss (logp, clip, k3 KL), fwd + bwd, inplace=False", "stats+grad",
+         "liger"),
+    Case("liger_grpo_inplace", "Liger-Kernel triton_grpo_loss, fwd + bwd, gradient over the logits", "stats+grad",
+         "liger+inplace"),
+]
+
 
 @dataclass
 class Inputs:
-    """One benchmark problem: logits [N, V] of ``dtype`` on CUDA, targets, upstream coefficients."""
+    """One problem for the launch sweep: logits [N, V] on CUDA, targets, upstream coefficients."""
 
     n: int
     v: int
@@ -30,158 +75,16 @@ class Inputs:
     temperature: float
 
 
-@dataclass
-class Case:
-    """A benchmarked op. ``setup(inputs)`` returns the closure timed per repeat (warm-up included in
-    setup's caller, never in the timings); ``passes`` is the essential traffic in units of N V
-    itemsize; ``missing()`` returns why the case cannot run here (None = it can)."""
-
-    name: str
-    description: str
-    setup: Callable[[Inputs], Callable[[], object]]
-    passes: int
-    missing: Callable[[], Optional[str]] = lambda: None
-
-
-CASES: list[Case] = []
-
-
-def register(name: str, description: str, passes: int, missing: Callable[[], Optional[str]] = lambda: None):
-    def wrap(setup: Callable[[Inputs], Callable[[], object]]) -> Callable[[Inputs], Callable[[], object]]:
-        CASES.append(Case(name, description, setup, passes, missing))
-        return setup
-
-    return wrap
-
-
-def _params(x: Inputs):
-    from fastrl_kernels.core import CoreParams
-
-    return CoreParams(temperature=x.temperature)
-
-
-@register("fk_stats", "fastrl Triton stats: logprobs + entropy forward (pass 1)", passes=1)
-def _fk_stats(x: Inputs) -> Callable[[], object]:
-    import fastrl_kernels.triton as ft
-
-    params = _params(x)
-    return lambda: ft.stats(x.logits, x.targets, params)
-
-
-@register("fk_stats_grad", "fastrl Triton stats + grad into a new buffer (fused fwd + bwd)", passes=3)
-def _fk_stats_grad(x: Inputs) -> Callable[[], object]:
-    import fastrl_kernels.triton as ft
-
-    params = _params(x)
-
-    def run() -> torch.Tensor:
-        stats = ft.stats(x.logits, x.targets, params)
-        return ft.grad(x.logits, x.targets, stats, x.g_lp, x.g_entropy, params)
-
-    return run
-
-
-@register("fk_stats_grad_inplace", "fastrl Triton stats + grad written over the logits", passes=3)
-def _fk_stats_grad_inplace(x: Inputs) -> Callable[[], object]:
-    import fastrl_kernels.triton as ft
-
-    params = _params(x)
-
-    def run() -> torch.Tensor:
-        stats = ft.stats(x.logits, x.targets, params)
-        return ft.grad(x.logits, x.targets, stats, x.g_lp, x.g_entropy, params, out=x.logits)
-
-    return run
-
-
-def naive_loss(logits, targets, g_lp, g_entropy, temperature: float) -> torch.Tensor:
-    """Plain PyTorch: log_softmax + gather + entropy in float32, L = sum g_lp logp + g_H H over rows
-    whose target is not -100."""
-    valid = targets != -100
-    log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
-    logp = log_p.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    entropy = -(log_p.exp() * log_p).sum(-1)
-    return ((g_lp * logp + g_entropy * entropy) * valid).sum()
-
-
-def _naive_setup(x: Inputs, loss_fn) -> Callable[[], object]:
-    leaf = x.logits.detach().requires_grad_(True)
-
-    def run() -> None:
-        loss_fn(leaf, x.targets, x.g_lp, x.g_entropy, x.temperature).backward()
-        leaf.grad = None  # the gradient counts in the call's peak, not in the next call's baseline
-
-    return run
-
-
-@register("torch_eager", "naive eager PyTorch log_softmax + gather + entropy, fwd + bwd", passes=3)
-def _torch_eager(x: Inputs) -> Callable[[], object]:
-    return _naive_setup(x, naive_loss)
-
-
-@register("torch_compile", "torch.compile of the naive loss, fwd + bwd (compile time excluded)", passes=3)
-def _torch_compile(x: Inputs) -> Callable[[], object]:
-    # One static-shape graph per benchmark shape: lift dynamo's per-function recompile limit (8) so
-    # the later shapes are compiled too rather than silently run eagerly.
-    for limit in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, limit):
-            setattr(torch._dynamo.config, limit, max(64, getattr(torch._dynamo.config, limit)))
-    return _naive_setup(x, torch.compile(naive_loss, dynamic=False))
-
-
-def _liger_missing() -> Optional[str]:
-    try:
-        importlib.import_module("liger_kernel.transformers.grpo_loss")
-    except Exception as error:  # ImportError, or a Liger that fails to import on this stack
-        return f"liger_kernel GRPO loss not importable ({type(error).__name__}: {error})"
-    return None
-
-
-def _liger_grpo_setup(x: Inputs, inplace: bool) -> Callable[[], object]:
-    from liger_kernel.transformers.grpo_loss import triton_grpo_loss
-
-    # Liger takes [B, T + 1, V] logits (the last position is dropped), so the problem is rebuilt in
-    # that layout with the same N = B T token rows; the extra rows are part of "the inputs".
-    seq = 1024 if x.n % 1024 == 0 else x.n
-    batch = x.n // seq
-    logits = torch.randn(batch, seq + 1, x.v, device="cuda", dtype=x.dtype).requires_grad_(True)
-    x.logits = logits  # releases the [N, V] logits; the caller measures memory against this
-    # Liger has no ignore_index: a -100 target indexes outside the row (an illegal address on the
-    # GPU). Masked tokens go to its completion mask instead, with a valid id.
-    targets = x.targets.view(batch, seq)
-    ids = targets.clamp(min=0)
-    mask = (targets != -100).to(torch.int32)
-    old = torch.full((batch, seq), -5.0, device="cuda")
-    ref = old - 0.1
-    advantages = torch.randn(batch, device="cuda")
-
-    def run() -> None:
-        out = triton_grpo_loss(
-            logits, old, ref, ids, advantages, mask, temperature=x.temperature, beta=0.04, inplace=inplace
-        )
-        (out[0] if isinstance(out, (tuple, list)) else out).sum().backward()
-        logits.grad = None
-
-    return run
-
-
-@register("liger_grpo", "Liger-Kernel triton_grpo_loss (logp, clip, k3 KL), fwd + bwd, inplace=False", 3,
-          _liger_missing)
-def _liger_grpo(x: Inputs) -> Callable[[], object]:
-    return _liger_grpo_setup(x, inplace=False)
-
-
-@register("liger_grpo_inplace", "Liger-Kernel triton_grpo_loss, fwd + bwd, gradient over the logits", 3,
-          _liger_missing)
-def _liger_grpo_inplace(x: Inputs) -> Callable[[], object]:
-    return _liger_grpo_setup(x, inplace=True)
-
-
 def make_inputs(n: int, v: int, dtype: torch.dtype, temperature: float, masked_frac: float) -> Inputs:
-    gen = torch.Generator(device="cuda").manual_seed(n * 7 + v)
-    logits = (2.0 * torch.randn(n, v, device="cuda", generator=gen)).to(dtype)
-    targets = torch.randint(0, v, (n,), device="cuda", generator=gen)
-    if masked_frac > 0:
-        targets = targets.masked_fill(torch.rand(n, device="cuda", generator=gen) < masked_frac, -100)
-    g = torch.randn(2, n, device="cuda", generator=gen)
-    return Inputs(n, v, dtype, logits, targets, g[0], g[1], temperature)
+    """The family's inputs (same seed, same values) for the launch sweep."""
+    name = str(dtype).replace("torch.", "")
+    case = CASES[0].bench_case(n, v, name, temperature, masked_frac)
+    x = cases_primitives.make_inputs(case)
+    return Inputs(n, v, dtype, x["logits"], x["targets"], x["g_lp"], x["g_h"], temperature)
+
+
+def missing(case: Case) -> Optional[str]:
+    """Why ``case`` cannot run here before any input is built (None: try it; its setup decides)."""
+    from fastrl_kernels.benchmarks.runner import unavailable_reason
+
+    return unavailable_reason(case.impl, "cuda", compile_mode="on")

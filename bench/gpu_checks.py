@@ -231,11 +231,10 @@ def no_sync_step(rec: Recorder, device: str, dry: bool) -> None:
 
 
 def _events_ms(fn, warmup: int = 3, repeats: int = 10) -> float:
-    """Median milliseconds of ``fn`` by CUDA events (bench/gpu_suite.py's timer)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from gpu_suite import time_cuda
+    """Median milliseconds of ``fn`` by CUDA events (the benchmarks' timer)."""
+    from fastrl_kernels.benchmarks.measure import cuda_event_times
 
-    return statistics.median(time_cuda(fn, warmup, repeats))
+    return statistics.median(cuda_event_times(fn, warmup=warmup, repeats=repeats))
 
 
 def breakdown(rec: Recorder, device: str, dry: bool) -> None:
@@ -301,12 +300,9 @@ def breakdown(rec: Recorder, device: str, dry: bool) -> None:
 
 def _peak_extra_gb(fn) -> float:
     """Peak bytes ``fn`` allocates beyond what is live when it starts, in GB."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 1e9
+    from fastrl_kernels.benchmarks.measure import cuda_peak_extra
+
+    return cuda_peak_extra(fn) / 1e9
 
 
 def _three_gemms_ms(hidden, weight) -> float:
@@ -319,6 +315,7 @@ def lm_head(rec: Recorder, device: str, dry: bool) -> None:
     """The lm_head path at the Llama-3-8B head (H = 4096, V = 128256, N = 8192 bf16) against the three
     bare GEMMs a step needs (logits, dL/dh, dL/dW) and against naive PyTorch's peak memory."""
     import fastrl_kernels as fk
+    from fastrl_kernels.benchmarks.naive import naive_linear_policy_loss
 
     if device != "cuda":
         rec(check="lm_head", ok=True, skipped="times need CUDA events")
@@ -339,12 +336,7 @@ def lm_head(rec: Recorder, device: str, dry: bool) -> None:
         hl.grad = wl.grad = None
 
     def naive():
-        logits = (hl @ wl.T).float()
-        logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
-        ratio = torch.exp(logp - old)
-        a = adv[:, None]
-        loss = -torch.minimum(ratio * a, ratio.clamp(0.8, 1.2) * a)
-        (loss * mask).sum().div(mask.sum()).backward()
+        naive_linear_policy_loss(hl, wl, targets, old, adv, mask).backward()  # clip 0.2 / 0.2, token-mean
         hl.grad = wl.grad = None
 
     ours_ms = _events_ms(ours, warmup=2, repeats=5)

@@ -10,7 +10,7 @@ GB/s is the op's essential traffic (bytes read + written: N V itemsize for stats
 a forward + backward: read for the statistics, read + write for the gradient) over that time, "% peak"
 compares it with the device's HBM bandwidth, and peak extra MB is ``torch.cuda.max_memory_allocated``
 minus what the inputs hold. All rows are valid unless ``--masked-frac`` is set.
-Add a case in bench/gpu_cases.py (``@register``).
+The cases are implementations of fastrl-bench's ``primitives`` family, named in bench/gpu_cases.py.
 Benchmarks record numbers and never assert on them.
 """
 
@@ -26,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
@@ -36,69 +35,36 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(REPO))
 
-from gpu_cases import CASES, Case, make_inputs  # noqa: E402
+from gpu_cases import CASES, Case, make_inputs, missing  # noqa: E402
+
+from fastrl_kernels.benchmarks.cases import Unavailable  # noqa: E402
+from fastrl_kernels.benchmarks.measure import cuda_event_times, cuda_peak_extra, hbm_peak_tbps  # noqa: E402
 
 SHAPES = [(n, v) for n in (4096, 8192, 16384) for v in (32000, 128256, 151936)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# HBM bandwidth in TB/s by device-name fragment, most specific first.
-HBM_PEAK_TBPS = [
-    ("GH200", 4.0),
-    ("H200", 4.8),
-    ("H100 NVL", 3.9),
-    ("H100 PCIe", 2.0),
-    ("H100", 3.35),
-    ("A100-SXM4-80GB", 2.039),
-    ("A100 80GB PCIe", 1.935),
-    ("A100", 1.555),
-    ("L40S", 0.864),
-]
-
-
-def hbm_peak_tbps(name: str) -> Optional[float]:
-    for fragment, tbps in HBM_PEAK_TBPS:
-        if fragment in name:
-            return tbps
-    return None
-
-
-def time_cuda(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
-    """Milliseconds of each of ``repeats`` calls, by CUDA events, after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return [start.elapsed_time(end) for start, end in events]
 
 
 def run_case(case: Case, n: int, v: int, args: argparse.Namespace, peak_tbps: Optional[float]) -> dict:
     row = {"case": case.name, "n": n, "v": v, "dtype": args.dtype, "temperature": args.temperature}
-    reason = case.missing()
+    reason = missing(case)
     if reason is not None:
         return {**row, "status": "skipped", "error": reason}
-    x = None
+    fn = None
     try:
-        x = make_inputs(n, v, DTYPES[args.dtype], args.temperature, args.masked_frac)
-        fn = case.setup(x)
+        fn = case.setup(case.bench_case(n, v, args.dtype, args.temperature, args.masked_frac))
         fn()  # compiles (Triton / torch.compile) outside the measurements
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        peak_extra = torch.cuda.max_memory_allocated() - base
-        times = time_cuda(fn, args.warmup, args.repeats)
+        peak_extra = cuda_peak_extra(fn)
+        times = cuda_event_times(fn, warmup=args.warmup, repeats=args.repeats)
+    except Unavailable as error:
+        return {**row, "status": "skipped", "error": str(error)}
     except torch.cuda.OutOfMemoryError as error:
         return {**row, "status": "oom", "error": str(error).splitlines()[0]}
     except Exception as error:  # a peer's API drift must not stop the suite
         return {**row, "status": "error", "error": f"{type(error).__name__}: {error}"[:500]}
     finally:
-        del x
+        del fn
         torch.cuda.empty_cache()
     median = statistics.median(times)
     traffic = case.passes * n * v * torch.empty((), dtype=DTYPES[args.dtype]).element_size()
@@ -138,7 +104,7 @@ def sweep_launches(n: int, v: int, args: argparse.Namespace) -> list[dict]:
                 else:
                     call = lambda cfg=cfg: ft.grad(x.logits, x.targets, st, x.g_lp, x.g_entropy, params,
                                                    out=out, launch=cfg)
-                ms = statistics.median(time_cuda(call, 2, args.repeats))
+                ms = statistics.median(cuda_event_times(call, warmup=2, repeats=args.repeats))
                 default = defaults[kernel]
                 rows.append({"n": n, "v": v, "dtype": args.dtype, "kernel": kernel, **asdict(cfg), "ms": ms,
                              "is_default": block_v == default.block_v and num_warps == default.num_warps})
@@ -272,7 +238,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             file=sys.stderr,
         )
         return 2
-    sys.path.insert(0, str(REPO))
     args.out.mkdir(parents=True, exist_ok=True)
     shapes = [tuple(int(p) for p in s.split("x")) for s in args.shapes.split(",") if s] or SHAPES
     wanted = {c for c in args.cases.split(",") if c}

@@ -4,6 +4,7 @@ No assertion on time: benchmarks record numbers."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -169,3 +170,35 @@ def test_cli_runs_in_process_and_lists(tmp_path, capsys):
     # Re-rendering from the JSON measures nothing and writes the same kinds of files.
     assert cli.main(["--from-json", str(out), "--markdown", str(tmp_path / "again.md")]) == 0
     assert "ours[torch]" in (tmp_path / "again.md").read_text()
+
+
+def test_linear_family_runs_through_the_suite():
+    family = cases.families()["linear_policy_loss"]
+    assert family.shape_keys == ("N", "V", "H")
+    rows = runner.run_suite("cpu", ops=["linear_policy_loss"], shapes=["16x300x8", "16x300"], repeats=1,
+                            max_seconds=5.0, isolate=False, log=lambda line: None)
+    measured = {r["impl"]: r for r in rows if r["status"] == "ok"}
+    assert {"naive", "ours[torch]"} <= set(measured), rows
+    assert all(r["shape"] == {"N": 16, "V": 300, "H": 8} for r in rows)
+    assert measured["naive"]["grad_bytes"] == (16 + 300) * 8 * 4
+
+
+def test_primitives_family_gradients_equal_the_naive_baseline():
+    from fastrl_kernels.benchmarks import cases_primitives
+    from fastrl_kernels.core import CoreParams
+
+    case = _case("primitives", "primitives/stats+grad", n=24, v=301)
+    case = dataclasses.replace(case, params={"temperature": 0.7, "masked_frac": 0.4})
+    x = cases_primitives.make_inputs(case)
+    assert 0 < int((x["targets"] == -100).sum()) < 24
+    z = x["logits"].clone().requires_grad_(True)
+    cases_primitives.naive_loss(z, x["targets"], x["g_lp"], x["g_h"], 0.7).backward()
+    params = CoreParams(temperature=0.7)
+    for backend in ("torch", "native"):
+        ft = cases_primitives._backend(backend)
+        got = ft.grad(x["logits"], x["targets"], ft.stats(x["logits"], x["targets"], params), x["g_lp"], x["g_h"],
+                      params)
+        torch.testing.assert_close(got, z.grad, rtol=1e-4, atol=1e-6)
+    for impl in case.impls:
+        if not runner.unavailable_reason(impl, "cpu", compile_mode="off"):
+            case.setup(case, impl)()

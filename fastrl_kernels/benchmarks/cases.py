@@ -11,8 +11,10 @@ that line and goes on.
 
 An *op family* (``OpFamily``) is what ``--ops`` selects: a name, a ``make_cases(shape, dtype, device)``
 returning its cases for one shape, and its default shapes per device and mode. Families live in
-``cases_logits.py`` (token_logprobs, policy_loss) and ``cases_linear.py`` (the lm_head path), each
-exposing ``FAMILIES: list[OpFamily]``.
+``cases_logits.py`` (token_logprobs, policy_loss), ``cases_linear.py`` (linear_policy_loss, the
+lm_head path) and ``cases_primitives.py`` (the backends' stats and grad), each exposing
+``FAMILIES: list[OpFamily]``; ``families()`` lists them all. A new family is a module with its own
+``FAMILIES`` added to ``families()``.
 
 Implementation names the suite knows (others are allowed; ``setup`` alone decides if they run):
 ``naive`` (eager PyTorch), ``naive-compile`` (``torch.compile`` of naive), ``trl`` (TRL's
@@ -22,8 +24,6 @@ Implementation names the suite knows (others are allowed; ``setup`` alone decide
 
 from __future__ import annotations
 
-import functools
-import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -94,62 +94,12 @@ class OpFamily:
     shape_keys: tuple[str, ...] = ("N", "V")
 
 
-_FAMILY_MODULES = ("fastrl_kernels.benchmarks.cases_logits", "fastrl_kernels.benchmarks.cases_linear")
+def families() -> dict[str, OpFamily]:
+    """All op families by name, in a stable order (the logits path, the lm_head path, the primitives)."""
+    from . import cases_linear, cases_logits, cases_primitives
 
-
-def families(log: Optional[Callable[[str], None]] = None) -> dict[str, OpFamily]:
-    """All op families by name, in a stable order; a family module that is absent is left out."""
-    found: dict[str, OpFamily] = {}
-    for module_name in _FAMILY_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name != module_name:
-                raise
-            if log is not None:
-                log(f"skip: {module_name.rsplit('.', 1)[-1]} is not present (its ops are not benchmarked)")
-            continue
-        module_families = module.FAMILIES if hasattr(module, "FAMILIES") else _legacy_families(module)
-        for family in module_families:
-            found[family.op] = family
-    return found
-
-
-def _legacy_families(module: Any) -> list[OpFamily]:
-    """Adapts a module exposing ``cases(device, quick)`` dicts (keys n, h, v, op, make_inputs(), and
-    ``naive(inputs)`` / ``ours(inputs)`` running forward + backward) to one ``OpFamily`` per op."""
-    if not hasattr(module, "cases"):
-        return []
-
-    def setup(case: BenchCase, impl: str) -> Step:
-        fn = {NAIVE: module.naive, ours("auto"): module.ours}.get(impl)
-        if fn is None:
-            raise Unavailable(f"{impl}: not an implementation of {case.op}")
-        shape = case.shape
-        inputs = module.make_inputs(shape["N"], shape["H"], shape["V"], case.torch_dtype, case.device)
-
-        def step():
-            fn(inputs)
-            for tensor in inputs.values():
-                if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
-                    tensor.grad = None
-
-        return step
-
-    def make_cases(shape: Mapping[str, int], dtype: str, device: str, op: str) -> list[BenchCase]:
-        itemsize = DTYPES[dtype].itemsize
-        grads = (shape["N"] + shape["V"]) * shape["H"] * itemsize
-        return [BenchCase(name=f"{op}/fwd+bwd", op=op, shape=dict(shape), dtype=dtype, device=device,
-                          impls=(NAIVE, ours("auto")), setup=setup, grad_bytes=grads)]
-
-    def default_shapes(device_type: str, quick: bool, op: str) -> list[dict[str, int]]:
-        return [{"N": c["n"], "V": c["v"], "H": c["h"]} for c in module.cases(device_type, quick) if c["op"] == op]
-
-    ops = sorted({c["op"] for c in module.cases("cpu", True)})
-    return [
-        OpFamily(op, functools.partial(make_cases, op=op), functools.partial(default_shapes, op=op), ("N", "V", "H"))
-        for op in ops
-    ]
+    modules = (cases_logits, cases_linear, cases_primitives)
+    return {family.op: family for module in modules for family in module.FAMILIES}
 
 
 def canonical_dtype(name: str) -> str:

@@ -56,7 +56,7 @@ def _split(text: Optional[str]) -> Optional[list[str]]:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.list:
-        for name, family in families(print).items():
+        for name, family in families().items():
             print(f"{name}  (shapes {'x'.join(family.shape_keys)})")
         return 0
     from . import report

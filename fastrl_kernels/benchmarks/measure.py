@@ -18,6 +18,12 @@ miss; its resolution is that of the kernel's per-CPU page counters (about 0.25 M
 rows far below 1 MB read as noise. Because the mmap threshold slows small allocations, times are
 always taken before it is changed; the suite runs each op family in a fresh subprocess
 (``probe.py``), so nothing from an earlier allocator setting or another family leaks in.
+
+Peak extra memory inside a running program (the trainer's loss step): ``StepMemory``, the allocator's
+count on CUDA and, on CPU, the live tensor storages created inside the block (``StoragePeak``).
+
+Bandwidth: ``copy_bandwidth`` (a large-tensor copy, the measured yardstick) and ``hbm_peak_tbps``
+(the data-sheet peak of known GPUs).
 """
 
 from __future__ import annotations
@@ -27,43 +33,32 @@ import ctypes.util
 import gc
 import statistics
 import time
+import weakref
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 _M_MMAP_THRESHOLD = -3
 EXACT_MMAP_THRESHOLD = 64 * 1024
 _exact_rss_ready: Optional[bool] = None
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_step(
     step: Callable[[], Any], device: str, *, warmup: int = 1, repeats: int = 5, max_seconds: float = 30.0
 ) -> list[float]:
-    """Milliseconds of each timed call (at least one; stops early once ``max_seconds`` are spent)."""
+    """Milliseconds of each timed call (at least one; stops early once ``max_seconds`` are spent).
+
+    ``perf_counter`` around each call on CPU, ``cuda_event_times`` on CUDA."""
     dev = torch.device(device)
+    if dev.type == "cuda":
+        return cuda_event_times(step, warmup=warmup, repeats=repeats, max_seconds=max_seconds, device=dev)
     for _ in range(warmup):
         step()
-    _synchronize(dev)
     times: list[float] = []
     started = time.perf_counter()
-    if dev.type == "cuda":
-        events = []
-        for _ in range(repeats):
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            step()
-            end.record()
-            events.append((begin, end))
-            if time.perf_counter() - started > max_seconds:
-                break
-        torch.cuda.synchronize(dev)
-        return [begin.elapsed_time(end) for begin, end in events]
     for _ in range(repeats):
         t0 = time.perf_counter()
         step()
@@ -71,6 +66,29 @@ def time_step(
         if time.perf_counter() - started > max_seconds:
             break
     return times
+
+
+def cuda_event_times(
+    step: Callable[[], Any], *, warmup: int = 1, repeats: int = 5, max_seconds: float = float("inf"),
+    device: Optional[torch.device] = None,
+) -> list[float]:
+    """Milliseconds of each call by a pair of CUDA events, read after one synchronize at the end;
+    ``warmup`` untimed calls first (compiles, first allocations)."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize(device)
+    events = []
+    started = time.perf_counter()
+    for _ in range(repeats):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        step()
+        end.record()
+        events.append((begin, end))
+        if time.perf_counter() - started > max_seconds:
+            break
+    torch.cuda.synchronize(device)
+    return [begin.elapsed_time(end) for begin, end in events]
 
 
 def median(values: list[float]) -> float:
@@ -144,16 +162,90 @@ def cpu_peak_extra(step: Callable[[], Any]) -> Optional[int]:
     return max(0, peak - baseline) * 1024
 
 
-def cuda_peak_extra(step: Callable[[], Any], device: str) -> int:
+class CudaAllocatorPeak:
+    """``with CudaAllocatorPeak(device) as meter: ...`` sets ``meter.peak``: the bytes
+    ``torch.cuda.max_memory_allocated`` rose above ``torch.cuda.memory_allocated`` on entry."""
+
+    def __init__(self, device: Union[str, torch.device] = "cuda"):
+        self.device = torch.device(device)
+        self.peak = 0
+
+    def __enter__(self) -> CudaAllocatorPeak:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._base = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.cuda.synchronize(self.device)
+        self.peak = max(0, torch.cuda.max_memory_allocated(self.device) - self._base)
+
+
+def cuda_peak_extra(step: Callable[[], Any], device: Union[str, torch.device] = "cuda") -> int:
     """Bytes ``torch.cuda.max_memory_allocated`` rises above the allocation before one call."""
-    dev = torch.device(device)
     gc.collect()
-    torch.cuda.synchronize(dev)
-    torch.cuda.reset_peak_memory_stats(dev)
-    baseline = torch.cuda.memory_allocated(dev)
-    step()
-    torch.cuda.synchronize(dev)
-    return max(0, torch.cuda.max_memory_allocated(dev) - baseline)
+    with CudaAllocatorPeak(device) as meter:
+        step()
+    return meter.peak
+
+
+class StoragePeak(TorchDispatchMode):
+    """Counts the bytes of tensor storages created while active and still alive; keeps the peak in
+    ``self.peak``. Seen at the dispatcher, in this process: inputs that existed before are not counted,
+    scratch memory a kernel takes without making a tensor is not seen (the RSS method sees both)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: set = set()
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self._seen.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        # Views and in-place results share an input's storage: not new memory (the input may predate us).
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, torch.Tensor) and t.device.type != "meta"
+        }
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes == 0 or key in self._seen or key in inputs:
+                continue
+            self._seen.add(key)
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._release, key, nbytes)
+        return out
+
+
+class StepMemory:
+    """Peak extra bytes of the block it wraps, as ``self.peak``, measured in process (a training loop).
+
+    CUDA: ``CudaAllocatorPeak`` (the allocator's own count, everything included). CPU: ``StoragePeak``,
+    the peak total size of tensor storages created inside the block and alive at the same time.
+    """
+
+    def __init__(self, device: Union[str, torch.device]):
+        self.device = torch.device(device)
+        self.peak = 0
+
+    def __enter__(self) -> StepMemory:
+        meter = CudaAllocatorPeak(self.device) if self.device.type == "cuda" else StoragePeak()
+        self._meter = meter.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._meter.__exit__(*exc)
+        self.peak = self._meter.peak
 
 
 def peak_extra(step: Callable[[], Any], device: str) -> Optional[int]:
@@ -170,6 +262,27 @@ def memory_method(device: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # bandwidth
+
+# HBM bandwidth in TB/s by device-name fragment, most specific first (the vendors' data-sheet peaks).
+HBM_PEAK_TBPS = (
+    ("GH200", 4.0),
+    ("H200", 4.8),
+    ("H100 NVL", 3.9),
+    ("H100 PCIe", 2.0),
+    ("H100", 3.35),
+    ("A100-SXM4-80GB", 2.039),
+    ("A100 80GB PCIe", 1.935),
+    ("A100", 1.555),
+    ("L40S", 0.864),
+)
+
+
+def hbm_peak_tbps(device_name: str) -> Optional[float]:
+    """The data-sheet HBM bandwidth of a device by its name (``torch.cuda.get_device_name``); None if unknown."""
+    for fragment, tbps in HBM_PEAK_TBPS:
+        if fragment in device_name:
+            return tbps
+    return None
 
 
 def copy_bandwidth(device: str, nbytes: Optional[int] = None, repeats: int = 5) -> float:

@@ -52,15 +52,6 @@ def liger_grpo_loss() -> Callable[..., Any]:
     return module.triton_grpo_loss
 
 
-@functools.cache
-def liger_fused_linear_grpo() -> type:
-    """Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (hidden x lm_head weight, chunked; for the lm_head path)."""
-    module = _import("liger_kernel.chunked_loss", "Liger-Kernel")
-    if not hasattr(module, "LigerFusedLinearGRPOLoss"):
-        raise Unavailable("Liger-Kernel: liger_kernel.chunked_loss has no LigerFusedLinearGRPOLoss")
-    return module.LigerFusedLinearGRPOLoss
-
-
 def peer_versions() -> dict[str, str]:
     """Installed peer versions (without importing them), for the results' metadata."""
     from importlib import metadata

@@ -48,7 +48,7 @@ def unavailable_reason(impl: str, device: str, compile_mode: str = "auto") -> Op
     try:
         if impl == "trl":
             peers.trl_logprobs()
-        elif impl == "liger":
+        elif impl.startswith("liger"):
             peers.liger_grpo_loss()
     except Unavailable as error:
         return str(error)
@@ -194,7 +194,7 @@ def run_suite(
     warmup = 1 if warmup is None else warmup
     repeats = (3 if quick else 5) if repeats is None else repeats
     max_seconds = (15.0 if quick else 60.0) if max_seconds is None else max_seconds
-    known = families(log)
+    known = families()
     selected = list(known) if not ops else list(ops)
     unknown = [op for op in selected if op not in known]
     if unknown:

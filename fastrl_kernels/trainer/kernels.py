@@ -7,13 +7,11 @@ same random draws; only the loss computation (and its memory) differs.
 from __future__ import annotations
 
 import importlib
-import weakref
 from typing import Optional
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
+from ..benchmarks.measure import StepMemory
 from ..config import PolicyLossConfig
 from . import naive
 
@@ -96,68 +94,6 @@ class LossKernels:
         )
 
 
-class _StorageTracker(TorchDispatchMode):
-    """Counts the bytes of tensor storages created while active and still alive; keeps the peak."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._seen: set = set()
-
-    def _release(self, key: int, nbytes: int) -> None:
-        self._seen.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        # Views and in-place results share an input's storage: not new memory (the input may predate us).
-        inputs = {
-            t.untyped_storage().data_ptr()
-            for t in tree_flatten((args, kwargs))[0]
-            if isinstance(t, torch.Tensor) and t.device.type != "meta"
-        }
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
-                continue
-            storage = t.untyped_storage()
-            key, nbytes = storage.data_ptr(), storage.nbytes()
-            if nbytes == 0 or key in self._seen or key in inputs:
-                continue
-            self._seen.add(key)
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._release, key, nbytes)
-        return out
-
-
-class LossStepMemory:
-    """Peak extra bytes of the loss step (loss forward + gradient w.r.t. the logits), as ``self.peak``.
-
-    CUDA: ``torch.cuda.max_memory_allocated`` minus what was allocated on entry (the allocator's own
-    count, everything included). CPU: the peak total size of tensor storages created inside the block
-    and alive at the same time, seen at the dispatcher (inputs that existed before are not counted;
-    scratch memory a kernel takes without making a tensor is not seen).
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = torch.device(device)
-        self.peak = 0
-
-    def __enter__(self) -> LossStepMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-        else:
-            self._tracker = _StorageTracker().__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
-        else:
-            self._tracker.__exit__(*exc)
-            self.peak = self._tracker.peak
+# The peak extra bytes of a loss step (loss forward + gradient w.r.t. the logits), as ``.peak``: the
+# allocator's count on CUDA, live tensor storages created inside the block on CPU (see the benchmarks' measure).
+LossStepMemory = StepMemory
