@@ -17,10 +17,8 @@ import torch
 from fastrl_kernels import native
 from fastrl_kernels.core import CoreParams
 from fastrl_kernels.testing.strategies import IGNORE_INDEX, make_logits
-from tests.test_native_primitives import (
-    _built_extension,  # noqa: F401 (an autouse fixture)
-    _coefficients,
-)
+from tests.test_backend_contract import coefficients
+from tests.test_native_primitives import _built_extension  # noqa: F401 (an autouse fixture)
 
 pytestmark = pytest.mark.native
 
@@ -29,7 +27,7 @@ def test_same_result_for_one_and_two_threads():
     logits = make_logits("normal", (301, 2999), seed=8)
     targets = torch.randint(0, 2999, (301,))
     params = CoreParams(temperature=0.7, softcap=30.0)
-    g_lp, g_entropy = _coefficients(301, 4)
+    g_lp, g_entropy = coefficients(301, 4)
     before = torch.get_num_threads()
     results = []
     try:
