@@ -17,7 +17,7 @@ from .online_softmax import (
     aligned_head,
     check_launch,
     check_logits,
-    device_guard,
+    launch_rows,
     softcap_tanh,
     transform_scalars,
 )
@@ -248,28 +248,12 @@ def grad(
     cfg = check_launch(launch, vocab, logits.dtype, "grad", params.softcap is not None)
     sc = transform_scalars(params)
     vectors = lse_split(stats, sc.k) + [v.to(torch.float32).contiguous() for v in (g_lp, g_entropy)]
-    grid = (triton.cdiv(n_rows, cfg.rows),)
-    with device_guard(logits):
-        _grad_kernel[grid](
-            logits,
-            targets.contiguous(),
-            *vectors,
-            out,
-            n_rows,
-            vocab,
-            logits.stride(0),
-            out.stride(0),
-            sc.k,
-            sc.cap_in,
-            sc.cap_out,
-            sc.dx_dz,
-            params.ignore_index,
-            NEGATE=sc.negate,
-            HAS_SOFTCAP=sc.has_softcap,
-            ROWS=cfg.rows,
-            BLOCK_V=cfg.block_v,
-            # Out's full blocks are aligned like the logits' only when the row strides agree mod 16.
-            PEELED=cfg.rows == 1 and (out.stride(0) - logits.stride(0)) % 16 == 0,
-            num_warps=cfg.num_warps,
-        )
+    launch_rows(
+        _grad_kernel, logits, cfg, sc,
+        logits, targets.contiguous(), *vectors, out,
+        n_rows, vocab, logits.stride(0), out.stride(0),
+        sc.k, sc.cap_in, sc.cap_out, sc.dx_dz, params.ignore_index,
+        # Out's full blocks are aligned like the logits' only when the row strides agree mod 16.
+        PEELED=cfg.rows == 1 and (out.stride(0) - logits.stride(0)) % 16 == 0,
+    )
     return out

@@ -1,4 +1,4 @@
-"""The online-softmax building block shared by the Triton kernels, and their launch table.
+"""The online-softmax building block shared by the Triton kernels, their launch table and launcher.
 
 Both kernels see a row of logits z through the transform of ``CoreParams``:
 
@@ -242,3 +242,20 @@ def check_logits(logits: torch.Tensor, targets: torch.Tensor) -> None:
 def device_guard(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     """Launch on the tensor's GPU (Triton uses the current device), a no-op on CPU."""
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def launch_rows(kernel, logits: torch.Tensor, cfg: LaunchConfig, sc: TransformScalars, *args, **constexprs) -> None:
+    """``kernel`` over the rows of ``logits`` [N, V], ``cfg.rows`` rows per program, on the logits' GPU:
+    runtime ``args``, then the compile-time flags every kernel takes (the transform's NEGATE and
+    HAS_SOFTCAP, the tile's ROWS and BLOCK_V, ``cfg.num_warps``) and the kernel's own ``constexprs``."""
+    grid = (triton.cdiv(logits.shape[0], cfg.rows),)
+    with device_guard(logits):
+        kernel[grid](
+            *args,
+            NEGATE=sc.negate,
+            HAS_SOFTCAP=sc.has_softcap,
+            ROWS=cfg.rows,
+            BLOCK_V=cfg.block_v,
+            num_warps=cfg.num_warps,
+            **constexprs,
+        )

@@ -15,7 +15,7 @@ from .online_softmax import (
     aligned_head,
     check_launch,
     check_logits,
-    device_guard,
+    launch_rows,
     load_w,
     online_softmax_update,
     softmax_input,
@@ -164,26 +164,13 @@ def stats(
     sc = transform_scalars(params)
     if n_rows > 0:
         cfg = check_launch(launch, vocab, logits.dtype, "stats", params.softcap is not None, with_log_sum_p2)
-        grid = (triton.cdiv(n_rows, cfg.rows),)
-        with device_guard(logits):
-            _stats_kernel[grid](
-                logits,
-                targets.contiguous(),
-                out,
-                n_rows,
-                vocab,
-                logits.stride(0),
-                sc.k2,
-                sc.cap_in,
-                sc.cap_out,
-                params.ignore_index,
-                NEGATE=sc.negate,
-                HAS_SOFTCAP=sc.has_softcap,
-                WITH_LOG_SUM_P2=with_log_sum_p2,
-                ROWS=cfg.rows,
-                BLOCK_V=cfg.block_v,
-                num_warps=cfg.num_warps,
-            )
+        launch_rows(
+            _stats_kernel, logits, cfg, sc,
+            logits, targets.contiguous(), out,
+            n_rows, vocab, logits.stride(0),
+            sc.k2, sc.cap_in, sc.cap_out, params.ignore_index,
+            WITH_LOG_SUM_P2=with_log_sum_p2,
+        )
     # lse and mean_x in float64 (core.CoreStats): m k in float32 would be off by ulp(1e4) = 1e-3.
     # One widening copy of (max, log-sum, mean offset) and three in-place ops: each tensor op costs a
     # launch and its host time, which at these sizes rivals the kernel's.
