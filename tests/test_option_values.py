@@ -41,6 +41,7 @@ DPO_FIELDS = {
     "ld_alpha": ([NAN, INF, -0.1, 1.1], [None, 0.0, 0.5, 1.0]),
     "discopop_tau": ([NAN, INF, 0.0, -0.05], [1e-3, 0.05]),
 }
+CONFIG_TABLES = [(PolicyLossConfig, POLICY_FIELDS), (DPOConfig, DPO_FIELDS)]
 
 
 def _numeric_fields(cls) -> set:
@@ -48,36 +49,28 @@ def _numeric_fields(cls) -> set:
     return {f.name for f in fields(cls) if "float" in str(hints[f.name])}
 
 
-@pytest.mark.parametrize("cls, table", [(PolicyLossConfig, POLICY_FIELDS), (DPOConfig, DPO_FIELDS)])
+@pytest.mark.parametrize("cls, table", CONFIG_TABLES)
 def test_every_numeric_config_field_is_in_the_tables(cls, table):
     """A new float option must come with its refused and accepted values here."""
     assert _numeric_fields(cls) == set(table)
 
 
-def _cases(table):
-    for name, (bad, good) in table.items():
-        for value in bad + NOT_A_NUMBER:
-            yield pytest.param(name, value, False, id=f"{name}={value!r}-refused")
-        for value in good:
-            yield pytest.param(name, value, True, id=f"{name}={value!r}-accepted")
+def _cases():
+    for cls, table in CONFIG_TABLES:
+        for name, (bad, good) in table.items():
+            for value in bad + NOT_A_NUMBER:
+                yield pytest.param(cls, name, value, False, id=f"{cls.__name__}-{name}={value!r}-refused")
+            for value in good:
+                yield pytest.param(cls, name, value, True, id=f"{cls.__name__}-{name}={value!r}-accepted")
 
 
-@pytest.mark.parametrize("name, value, accepted", list(_cases(POLICY_FIELDS)))
-def test_policy_config_option_values(name, value, accepted):
+@pytest.mark.parametrize("cls, name, value, accepted", list(_cases()))
+def test_config_option_values(cls, name, value, accepted):
     if accepted:
-        assert getattr(PolicyLossConfig(**{name: value}), name) == value
+        assert getattr(cls(**{name: value}), name) == value
         return
     with pytest.raises(ValueError, match=rf"^{name}: expected .*, got "):
-        PolicyLossConfig(**{name: value})
-
-
-@pytest.mark.parametrize("name, value, accepted", list(_cases(DPO_FIELDS)))
-def test_dpo_config_option_values(name, value, accepted):
-    if accepted:
-        assert getattr(DPOConfig(**{name: value}), name) == value
-        return
-    with pytest.raises(ValueError, match=rf"^{name}: expected .*, got "):
-        DPOConfig(**{name: value})
+        cls(**{name: value})
 
 
 @pytest.mark.parametrize("weights", [(1.0, NAN), (INF, 1.0), (1.0, -0.5), ("1", 1.0)])

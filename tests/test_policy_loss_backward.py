@@ -58,17 +58,29 @@ def test_returned_logprobs_can_feed_another_loss(backend, inplace_grad):
     assert_close_to_reference(z.grad, z64.grad, dtype=torch.float32, kind="grad")
 
 
+def _backward_twice(loss):
+    loss.backward(retain_graph=True)
+    loss.backward()
+
+
+def _backward_scaled(loss):
+    (loss * 2.5).backward()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_second_backward_adds_the_reference_gradient_again(backend):
-    inputs = _case(18)
+@pytest.mark.parametrize("seed, run_backward, factor", [
+    pytest.param(18, _backward_twice, 2.0, id="second_backward_adds_the_reference_gradient_again"),
+    pytest.param(12, _backward_scaled, 2.5, id="scaled_loss_gives_the_scaled_reference_gradient"),
+])
+def test_gradient_is_the_reference_gradient_times(backend, seed, run_backward, factor):
+    inputs = _case(seed)
     expected = _reference(inputs, RICH)
     z = inputs["logits"].clone().requires_grad_(True)
     out = fk.policy_loss(z, inputs["targets"], inputs["old_logprobs"], inputs["advantages"], inputs["mask"],
                          ref_logprobs=inputs["ref_logprobs"], config=RICH, backend=backend)
-    out.loss.backward(retain_graph=True)
-    out.loss.backward()
-    assert_close_to_reference(z.grad, 2.0 * expected.grad, dtype=torch.float32, kind="grad",
-                              row_scale=2.0 * expected.scale)
+    run_backward(out.loss)
+    assert_close_to_reference(z.grad, factor * expected.grad, dtype=torch.float32, kind="grad",
+                              row_scale=factor * expected.scale)
 
 
 def test_second_backward_after_inplace_grad_is_refused():
@@ -79,15 +91,3 @@ def test_second_backward_after_inplace_grad_is_refused():
     out.loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.loss.backward()
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_scaled_loss_gives_the_scaled_reference_gradient(backend):
-    inputs = _case(12)
-    expected = _reference(inputs, RICH)
-    z = inputs["logits"].clone().requires_grad_(True)
-    out = fk.policy_loss(z, inputs["targets"], inputs["old_logprobs"], inputs["advantages"], inputs["mask"],
-                         ref_logprobs=inputs["ref_logprobs"], config=RICH, backend=backend)
-    (out.loss * 2.5).backward()
-    assert_close_to_reference(z.grad, 2.5 * expected.grad, dtype=torch.float32, kind="grad",
-                              row_scale=2.5 * expected.scale)

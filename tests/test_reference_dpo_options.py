@@ -157,14 +157,19 @@ TRANSFORMS = {
 }
 
 
+def _with_transform(fn, hand, kw):
+    """``fn`` with the transform options ``kw`` against ``hand`` on MASK; returns it and ``fn`` without them."""
+    logits, targets, mask = _inputs()
+    got = fn(logits, targets, mask, **kw)
+    torch.testing.assert_close(got, _t(hand(MASK, **kw)), rtol=1e-13, atol=0)
+    return got, fn(logits, targets, mask)
+
+
 @pytest.mark.parametrize("name", TRANSFORMS)
 def test_sequence_logprobs_applies_logit_transforms(name):
-    kw = TRANSFORMS[name]
-    logits, targets, mask = _inputs()
-    got = ref.sequence_logprobs(logits, targets, mask, **kw)
-    torch.testing.assert_close(got, _t(_hand_sequence_logprobs(MASK, **kw)), rtol=1e-13, atol=0)
+    got, plain = _with_transform(ref.sequence_logprobs, _hand_sequence_logprobs, TRANSFORMS[name])
     # the transform changes the result at these logits
-    assert (got - ref.sequence_logprobs(logits, targets, mask)).abs().max() > 1e-2
+    assert (got - plain).abs().max() > 1e-2
 
 
 def test_wpo_weights_defaults_by_hand():
@@ -179,11 +184,8 @@ def test_wpo_weights_defaults_by_hand():
 
 @pytest.mark.parametrize("name", TRANSFORMS)
 def test_wpo_weights_apply_logit_transforms(name):
-    kw = TRANSFORMS[name]
-    logits, targets, mask = _inputs()
-    got = ref.wpo_weights(logits, targets, mask, **kw)
-    torch.testing.assert_close(got, _t(_hand_wpo(MASK, **kw)), rtol=1e-13, atol=0)
-    assert ((got - ref.wpo_weights(logits, targets, mask)).abs() / got).max() > 1e-2
+    got, plain = _with_transform(ref.wpo_weights, _hand_wpo, TRANSFORMS[name])
+    assert ((got - plain).abs() / got).max() > 1e-2
 
 
 # ---------------------------------------------------------------------------------------------
