@@ -20,16 +20,10 @@ from fastrl_kernels.testing import assert_close_to_reference
 from fastrl_kernels.testing.strategies import seeds, vocab_sizes
 from tests.backends_under_test import cpu_fused_backends
 from tests.conftest import examples
+from tests.test_token_logprobs import TRANSFORMS
 
 BACKENDS = cpu_fused_backends()
 HIDDEN_SIZES = st.sampled_from((1, 2, 7, 13, 31, 64)) | st.integers(1, 48)
-TRANSFORMS = {
-    "plain": dict(),
-    "temperature": dict(temperature=0.7),
-    "logit_scale": dict(logit_scale=2.5),
-    "softcap": dict(softcap=3.0),
-    "all": dict(temperature=1.6, logit_scale=0.5, softcap=2.0),
-}
 
 
 def _problem(leading, hidden_size, vocab, seed, dtype=torch.float32, with_bias=True, ignore=True, ignore_index=-100):

@@ -19,8 +19,8 @@ pytestmark = pytest.mark.triton
 import fastrl_kernels.triton as ft  # noqa: E402
 from fastrl_kernels.core import CoreParams  # noqa: E402
 from tests.test_backend_contract import check  # noqa: E402
+from tests.test_triton_primitives import DEVICE  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ONE_ROW = ft.LaunchConfig(block_v=64, rows=1, num_warps=2)
 PARAMS = {
     "plain": CoreParams(),
