@@ -6,7 +6,7 @@ No streaming, no shift tricks beyond ``logsumexp``: this is the yardstick for th
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -84,26 +84,12 @@ def token_stats(
     )
 
 
-def token_logprobs(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    logit_scale: float = 1.0,
-    softcap: Optional[float] = None,
-    ignore_index: int = -100,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logp, entropy)`` of ``token_stats``: float64 of the leading shape, differentiable in ``logits``.
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logp, entropy)`` of ``token_stats(logits, targets, **options)``: float64 of the leading shape,
+    differentiable in ``logits``; ``options`` are token_stats' (temperature, logit_scale, softcap, ignore_index).
 
     logp = log softmax(x)[target], entropy = -sum p log p of softmax(x), x as in ``transformed_logits``;
     0 (and zero gradient) on rows whose target is ``ignore_index``.
     """
-    stats = token_stats(
-        logits,
-        targets,
-        temperature=temperature,
-        logit_scale=logit_scale,
-        softcap=softcap,
-        ignore_index=ignore_index,
-    )
+    stats = token_stats(logits, targets, **options)
     return stats.logp, stats.entropy
