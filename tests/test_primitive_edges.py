@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fastrl_kernels as fk
+from fastrl_kernels.backends import primitives
 from fastrl_kernels.core import CoreParams
 from fastrl_kernels.reference.logprobs import token_stats as reference_stats
 from tests.backends_under_test import cpu_fused_backends
@@ -46,3 +47,22 @@ def test_one_output_alone_under_a_float64_default_dtype(backend, used, float64_d
     (grad,) = torch.autograd.grad((logp if used == "logp" else entropy).sum(), ours)
     assert grad.dtype == torch.float32
     torch.testing.assert_close(grad.double(), z.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", cpu_fused_backends())
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_a_target_on_a_minus_inf_logit(backend, softcap):
+    """A sampled token whose logit is -inf (a banned token): probability 0, logp = -inf, without softcap;
+    under softcap the logit is the finite -c, and logp is finite and the reference's."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, 200, generator=g)
+    logits[:, 10] = float("-inf")
+    targets = torch.tensor([10, 11, 10])
+    params = CoreParams(softcap=softcap)
+    if softcap is not None:
+        stats, _ = check(backend, logits, targets, params, with_p2=False)  # every statistic vs float64
+        assert torch.isfinite(stats.logp).all()
+        return
+    stats = primitives(backend).stats(logits, targets, params)
+    assert stats.logp[0] == float("-inf") and stats.logp[2] == float("-inf")
+    assert torch.isfinite(stats.logp[1]) and torch.isfinite(stats.entropy).all()
