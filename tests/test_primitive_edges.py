@@ -1,4 +1,5 @@
-"""Rows far apart in scale in one call, and a loss on one of the two outputs alone.
+"""Edges of the two primitives on every CPU backend: rows far apart in scale in one call, a loss on one
+of the two outputs alone, a sampled token on a -inf logit.
 
 Rows far apart in scale: each row is shifted by its own maximum, so a row of small logits
 next to a row of large ones keeps its own softmax. Under softcap the transformed logits span +-c /
