@@ -103,13 +103,13 @@ def _loss_scale(logp, entropy, old_logprobs, advantages, mask, ref_logprobs, con
 
     A float32 loss is exact to ~1e-7 of this, not of its own value where the terms cancel (mixed-sign
     advantages). |l_t| comes from the reference with is_weights = sign(l_t): sign(l_t) = -sign(A_t),
-    or +sign(A_t) for cispo (l = -c A logp with logp <= 0).
+    or +sign(A_t) for cispo and gpg (l = -c A logp, -A logp with logp <= 0).
     """
     logp = logp.detach().to(torch.float64)
     adv = advantages.to(torch.float64)
     if adv.dim() == 1 and logp.dim() == 2:
         adv = adv[:, None]
-    signs = (adv.sign() if config.loss_type == "cispo" else -adv.sign()).expand_as(logp)
+    signs = (adv.sign() if config.loss_type in ("cispo", "gpg") else -adv.sign()).expand_as(logp)
     weights = signs if is_weights is None else signs * is_weights.to(torch.float64).abs()
     quiet = dataclasses.replace(config, kl_coef=0.0, entropy_coef=0.0)
     policy, _ = reference.policy_loss_from_logprobs(logp, entropy, old_logprobs, advantages, mask,
