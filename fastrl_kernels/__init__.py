@@ -33,6 +33,7 @@ _EXPORTS = {
     "gae": "fastrl_kernels.ops.advantages",
     "group_advantages": "fastrl_kernels.ops.advantages",
     "value_loss": "fastrl_kernels.ops.advantages",
+    "outcome_advantages": "fastrl_kernels.ops.outcome_advantages",
     "available_backends": "fastrl_kernels.backends",
 }
 
