@@ -147,6 +147,11 @@ def test_grpo_batch_std_divides_by_the_batch_std():
     torch.testing.assert_close(adv, centred / (rewards.sum(-1).std() + 1e-4), rtol=1e-6, atol=1e-7)
     want, _ = ref.outcome_advantages(rewards, mask, index=index, std_scope="batch", epsilon=1e-4)
     torch.testing.assert_close(adv.double(), want, rtol=1e-5, atol=1e-6)
+    # TRL's scale_rewards="batch" on contiguous groups: (r - group mean) / (std of all r + 1e-4).
+    scores = rewards[:12].sum(-1)
+    trl = (scores - scores.view(-1, 4).mean(1).repeat_interleave(4)) / (scores.std() + 1e-4)
+    adv, _ = fk.outcome_advantages(rewards[:12], mask[:12], group_size=4, std_scope="batch", epsilon=1e-4)
+    torch.testing.assert_close(adv, trl[:, None] * mask[:12], rtol=1e-5, atol=1e-6)
     one, _ = fk.outcome_advantages(rewards[:1], mask[:1], group_size=1, std_scope="batch")
     assert torch.isfinite(one).all()
 
@@ -164,6 +169,16 @@ def test_equal_rewards_and_single_rows_give_finite_values():
         assert torch.isfinite(adv).all() and torch.isfinite(ret).all(), estimator
     adv, _ = fk.outcome_advantages(rewards, None, index=index)
     assert (adv[:3] == 0).all()
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (4, 0), (0, 0)])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_empty_batches_give_empty_results(estimator, shape):
+    extra = {"reward_baselines": torch.zeros(shape[0])} if estimator == "remax" else {}
+    if estimator in ops.GROUPED:
+        extra["index"] = torch.zeros(shape[0], dtype=torch.int64)
+    adv, ret = fk.outcome_advantages(torch.zeros(shape), None, estimator=estimator, **extra)
+    assert adv.shape == ret.shape == shape
 
 
 def test_dense_groups_numbers_sorted_ids():

@@ -215,7 +215,7 @@ def outcome_advantages(
         r = rewards.to(torch.float32)
         m = as_float_mask(mask, r.shape, r, like_name="rewards", what="the shape of rewards")
         if estimator == "grpo_passk" and batch:
-            n = _group_sum(torch.ones_like(r[:, 0]), groups)
+            n = _group_sum(r.new_ones(batch), groups)
             if bool((n < 2).any()):  # one host sync, for this refusal only
                 raise ValueError("index, group_size: grpo_passk needs at least two rows in every group")
         return ESTIMATORS[estimator](
