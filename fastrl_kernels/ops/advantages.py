@@ -126,7 +126,8 @@ def value_loss(
     clip: Optional[float] = None,
     loss_agg: str = "token-mean",
     normalizer: Optional[Number] = None,
-) -> torch.Tensor:
+    return_clipfrac: bool = False,
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Clipped value loss: 0-d float32, differentiable in ``values``.
 
     values, old_values, returns, mask ``[B, T]`` or ``[N]`` (one sequence). Per token
@@ -135,6 +136,9 @@ def value_loss(
     policy losses (``loss_agg``: "token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
     "seq-mean-token-sum-norm", "sum" or TRL's names; ``normalizer``, a finite number > 0, replaces the
     default divisor). No tokens (or none unmasked) give 0. ``clip`` is None or a finite number > 0.
+    ``return_clipfrac=True`` returns ``(loss, clipfrac)``: clipfrac, 0-d float32 without gradient, is the
+    fraction of unmasked tokens where the clipped error is the larger, (v_clip - R)^2 > (v - R)^2 (verl's
+    ``vf_clipfrac``, TRL's ``value_clipfrac``); 0 with ``clip=None`` or no unmasked token.
     """
     check_float_tensor("values", values)
     if values.dim() not in (1, 2):
@@ -145,6 +149,8 @@ def value_loss(
         check_real("clip", clip, "a number > 0 or None", lambda x: x > 0)
     mode = canonical_loss_agg(loss_agg)
     check_normalizer(normalizer)
+    if not isinstance(return_clipfrac, bool):
+        raise ValueError(f"return_clipfrac: expected True or False, got {return_clipfrac!r}")
     v = values.to(torch.float32)
     old = old_values.detach().to(torch.float32)
     target = returns.detach().to(torch.float32)
@@ -152,6 +158,17 @@ def value_loss(
     if v.dim() == 1:
         v, old, target, m = v[None], old[None], target[None], m[None]
     err = (v - target) ** 2
+    clipped = None
     if clip is not None:
-        err = torch.maximum(err, (old + torch.clamp(v - old, -clip, clip) - target) ** 2)
-    return aggregate(0.5 * err, m, mode, normalizer)
+        clipped_err = (old + torch.clamp(v - old, -clip, clip) - target) ** 2
+        clipped = (clipped_err > err).detach()
+        err = torch.maximum(err, clipped_err)
+    loss = aggregate(0.5 * err, m, mode, normalizer)
+    if not return_clipfrac:
+        return loss
+    with torch.no_grad():
+        if clipped is None:
+            clipfrac = torch.zeros((), dtype=torch.float32, device=v.device)
+        else:
+            clipfrac = (clipped * m).sum() / m.sum().clamp(min=1.0)
+    return loss, clipfrac

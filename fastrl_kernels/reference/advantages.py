@@ -110,19 +110,28 @@ def value_loss(
     clip: Optional[float] = None,
     loss_agg: str = "token-mean",
     normalizer: Optional[Number] = None,
-) -> torch.Tensor:
+    return_clipfrac: bool = False,
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Clipped value loss, 0-d float64, differentiable in ``values``.
 
     values, old_values, returns, mask ``[B, T]`` (or ``[N]``). Per token
     0.5 * max((v - R)^2, (v_clip - R)^2), v_clip = v_old + clamp(v - v_old, -clip, clip), or
     0.5 * (v - R)^2 with ``clip=None`` (verl's ``compute_value_loss`` / OpenRLHF's ``ValueLoss``),
-    reduced with ``aggregate(..., loss_agg, normalizer)``.
+    reduced with ``aggregate(..., loss_agg, normalizer)``. ``return_clipfrac=True`` returns
+    ``(loss, clipfrac)``, clipfrac = sum(m [(v_clip - R)^2 > (v - R)^2]) / max(sum(m), 1) (verl's
+    ``vf_clipfrac``), 0 with ``clip=None``.
     """
     v = values.to(torch.float64)
     old = old_values.detach().to(torch.float64)
     target = returns.detach().to(torch.float64)
     err = (v - target) ** 2
+    clipped = torch.zeros_like(err)
     if clip is not None:
         v_clipped = old + torch.clamp(v - old, -clip, clip)
+        clipped = ((v_clipped - target) ** 2 > err).to(torch.float64).detach()
         err = torch.maximum(err, (v_clipped - target) ** 2)
-    return aggregate(0.5 * err, mask, loss_agg, normalizer)
+    loss = aggregate(0.5 * err, mask, loss_agg, normalizer)
+    if not return_clipfrac:
+        return loss
+    m = torch.ones_like(err) if mask is None else mask.to(device=err.device, dtype=torch.float64)
+    return loss, (m * clipped).sum() / torch.clamp(m.sum(), min=1.0)

@@ -1,0 +1,31 @@
+"""verl 0.9.1's ``core_algos`` for parity tests, imported as tests/test_integration_verl.py does.
+
+verl's package ``__init__`` imports ray and its tracking module orjson, neither used by the loss
+functions: when they are missing, empty stand-ins are put in ``sys.modules`` for the import.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+
+import pytest
+
+
+def import_core_algos():
+    """``verl.trainer.ppo.core_algos``, or skip the calling test when verl is not installed."""
+    if importlib.util.find_spec("verl") is None:
+        pytest.skip("verl parity tests need `pip install --no-deps verl==0.9.1` (+ light deps)")
+    for name in ("ray", "orjson"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            module = types.ModuleType(name)
+            module.ObjectRef = object
+            sys.modules[name] = module
+    try:
+        return importlib.import_module("verl.trainer.ppo.core_algos")
+    except ImportError as error:
+        pytest.skip(f"verl.trainer.ppo.core_algos does not import here: {error}")
