@@ -113,6 +113,8 @@ class PolicyLossConfig:
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     kl_clamp: Optional[float] = None
+    kl_value_cap: Optional[float] = None
+    kl_agg: Optional[str] = None
     entropy_coef: float = 0.0
     entropy_mode: str = "exact"
     entropy_agg: Optional[str] = None
@@ -135,6 +137,10 @@ class PolicyLossConfig:
         _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         if self.kl_clamp is not None:
             check_real("kl_clamp", self.kl_clamp, "a number > 0", lambda x: x > 0)
+        if self.kl_value_cap is not None:
+            check_real("kl_value_cap", self.kl_value_cap, "None or a number > 0", lambda x: x > 0)
+        if self.kl_agg is not None:
+            object.__setattr__(self, "kl_agg", canonical_loss_agg(self.kl_agg, "kl_agg"))
         # Any sign: a negative entropy_coef penalises entropy instead of rewarding it.
         check_real("entropy_coef", self.entropy_coef, "a number")
         _check_choice("entropy_mode", self.entropy_mode, ENTROPY_MODES)
@@ -146,6 +152,10 @@ class PolicyLossConfig:
     @property
     def resolved_entropy_agg(self) -> str:
         return self.entropy_agg if self.entropy_agg is not None else self.loss_agg
+
+    @property
+    def resolved_kl_agg(self) -> str:
+        return self.kl_agg if self.kl_agg is not None else self.loss_agg
 
     def with_overrides(self, **overrides: Any) -> PolicyLossConfig:
         return replace(self, **_known_fields(type(self), overrides))

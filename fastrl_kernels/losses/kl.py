@@ -19,13 +19,16 @@ KL_ESTIMATORS = tuple(KL_VALUES) + STRAIGHT_THROUGH
 
 
 def kl_penalty(
-    logp: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3", clamp: Optional[float] = None
+    logp: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3", clamp: Optional[float] = None,
+    value_cap: Optional[float] = None,
 ) -> torch.Tensor:
     """KL(pi || ref) estimate per token from k = ref - logp (Schulman's k1/k2/k3; verl's names).
 
     "k1" = -k, "abs" = |k|, "k2" = k^2 / 2, "k3" = e^k - k - 1 (TRL's GRPO KL). ``clamp`` bounds k first
     (verl clamps at 20 / 10). "k1+" / "k3+": the value of k1 / k3 with the gradient of k2 (verl's
-    straight-through "+" estimators: unbiased value, low-variance gradient).
+    straight-through "+" estimators: unbiased value, low-variance gradient). ``value_cap`` clamps the value
+    to [-value_cap, value_cap] (verl's k3 and OpenRLHF's every estimator at 10): zero gradient where it
+    binds, as torch.clamp; a "+" estimator keeps k2's gradient (its value is detached, as in verl).
     """
     k = ref_logprobs - logp
     if clamp is not None:
@@ -33,6 +36,8 @@ def kl_penalty(
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_estimator: unknown estimator {estimator!r}")
     value = KL_VALUES[estimator.rstrip("+")](k)
+    if value_cap is not None:
+        value = value.clamp(min=-value_cap, max=value_cap)
     if estimator in STRAIGHT_THROUGH:
         k2 = 0.5 * k * k
         return k2 + (value - k2).detach()

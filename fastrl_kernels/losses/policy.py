@@ -40,15 +40,21 @@ def per_token_policy_loss(
     return policy_loss_type(cfg.loss_type).term(logp, ratio, adv, cfg)
 
 
+def separate_kl(cfg: PolicyLossConfig) -> bool:
+    """Whether the KL term is aggregated on its own (``kl_agg`` differs from ``loss_agg``, kl_coef != 0)."""
+    return cfg.kl_coef != 0.0 and cfg.kl_agg is not None and cfg.kl_agg != cfg.loss_agg
+
+
 def _token_loss(logp, ratio, adv, ref_logprobs, is_weights, cfg: PolicyLossConfig):
-    """Policy term (times is_weights) plus kl_coef * KL per token, and the KL itself (None without ref)."""
+    """Policy term (times is_weights) plus kl_coef * KL per token (unless ``separate_kl``), and the KL
+    itself (None without ref)."""
     token_loss = per_token_policy_loss(logp, ratio, adv, cfg)
     if is_weights is not None:
         token_loss = token_loss * is_weights.to(logp.dtype).detach()
     kl = None
     if ref_logprobs is not None:
-        kl = kl_penalty(logp, ref_logprobs.to(logp.dtype), cfg.kl_estimator, cfg.kl_clamp)
-        if cfg.kl_coef != 0.0:
+        kl = kl_penalty(logp, ref_logprobs.to(logp.dtype), cfg.kl_estimator, cfg.kl_clamp, cfg.kl_value_cap)
+        if cfg.kl_coef != 0.0 and not separate_kl(cfg):
             token_loss = torch.add(token_loss, kl, alpha=cfg.kl_coef)  # token_loss + kl_coef * kl, one op
     return token_loss, kl
 
@@ -72,14 +78,17 @@ def separable_policy_terms(
     weights: torch.Tensor,
     entropy_weights: Optional[torch.Tensor],
     config: PolicyLossConfig,
+    kl_weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Per-token terms c_t whose sum is the loss of ``policy_loss_from_logprobs``, for separable loss types.
 
     All tensors share one shape (any; typically a chunk of flattened tokens; advantages already
     broadcast per token). ``weights = aggregation_weights(mask, loss_agg, normalizer)`` and
     ``entropy_weights`` the same for ``resolved_entropy_agg`` (needed when entropy_coef != 0):
-    c_t = w_t (l_t * is_w_t + kl_coef kl_t) - entropy_coef w'_t H_t. Since w depends on the mask only,
-    dc_t / dlogp_t is the exact per-token coefficient of the whole loss (docs/design.md, "The lm_head path").
+    c_t = w_t (l_t * is_w_t + kl_coef kl_t) - entropy_coef w'_t H_t. When ``separate_kl(config)``,
+    ``kl_weights`` are those of ``resolved_kl_agg`` and c_t = w_t l_t is_w_t + kl_coef w''_t kl_t - ...
+    Since the weights depend on the mask only, dc_t / dlogp_t is the exact per-token coefficient of the
+    whole loss (docs/design.md, "The lm_head path").
     """
     cfg = config
     if cfg.loss_type not in SEPARABLE_POLICY_LOSS_TYPES:
@@ -88,8 +97,12 @@ def separable_policy_terms(
         )
     adv = advantages.to(logp.dtype)
     ratio = torch.exp(logp - old_logprobs.to(logp.dtype))
-    token_loss, _ = _token_loss(logp, ratio, adv, ref_logprobs, is_weights, cfg)
+    token_loss, kl = _token_loss(logp, ratio, adv, ref_logprobs, is_weights, cfg)
     terms = token_loss * weights
+    if separate_kl(cfg):
+        if kl_weights is None:
+            raise ValueError("kl_weights: required when kl_agg differs from loss_agg and kl_coef != 0, got None")
+        terms = terms + cfg.kl_coef * (kl * kl_weights)
     if cfg.entropy_coef != 0.0:
         if entropy_weights is None:
             raise ValueError("entropy_weights: required when entropy_coef != 0, got None")
@@ -161,6 +174,8 @@ def masked_policy_loss(
     # max(sum(mask), 1): token-mean's divisor and the metrics' one, reduced once.
     count = mask.sum().clamp(min=1.0)
     loss = aggregate(token_loss, mask, cfg.loss_agg, normalizer, token_count=count)
+    if separate_kl(cfg):
+        loss = loss + cfg.kl_coef * aggregate(kl, mask, cfg.kl_agg, normalizer, token_count=count)
     bonus_entropy = _bonus_entropy(logp, entropy, cfg)
     if cfg.entropy_coef != 0.0:
         loss = loss - cfg.entropy_coef * aggregate(bonus_entropy, mask, cfg.resolved_entropy_agg, normalizer,

@@ -25,7 +25,7 @@ from ..config import (
 )
 from ..losses.aggregation import Normalizer, aggregation_weights
 from ..losses.dpo import fused_dpo_objective
-from ..losses.policy import SEPARABLE_POLICY_LOSS_TYPES, separable_policy_terms
+from ..losses.policy import SEPARABLE_POLICY_LOSS_TYPES, separable_policy_terms, separate_kl
 from .dpo_loss import DPOOutput, dpo_loss_reference
 from .linear_chunks import (
     LinearLoss,
@@ -193,16 +193,18 @@ def _linear_policy_loss(rows: Rows, weight, bias, inputs: PolicyInputs, cfg, par
         weights = aggregation_weights(mask_bt, cfg.loss_agg, normalizer)
         entropy_weights = (aggregation_weights(mask_bt, cfg.resolved_entropy_agg, normalizer)
                            if cfg.entropy_coef != 0.0 else None)
+        kl_weights = aggregation_weights(mask_bt, cfg.kl_agg, normalizer) if separate_kl(cfg) else None
         token_inputs = (flat(old), flat(adv.expand(inputs.shape)), flat(ref), flat(is_weights), flat(weights),
-                        flat(entropy_weights))
+                        flat(entropy_weights), flat(kl_weights))
         token_fn = partial(_separable_terms, cfg=cfg)
     spec = _spec(rows, weight, backend, params, chunk_size, loss_fn=inputs.loss_fn(cfg), token_fn=token_fn)
     loss, logp, entropy, metrics = _run_loss(rows, weight, bias, spec, token_inputs, inputs.loss_inputs)
     return PolicyLossOutput(loss, *rows.unflatten(logp, entropy), metrics)
 
 
-def _separable_terms(logp, entropy, old, adv, ref, is_weights, weights, entropy_weights, *, cfg):
-    return separable_policy_terms(logp, entropy, old, adv, ref, is_weights, weights, entropy_weights, cfg)
+def _separable_terms(logp, entropy, old, adv, ref, is_weights, weights, entropy_weights, kl_weights, *, cfg):
+    return separable_policy_terms(logp, entropy, old, adv, ref, is_weights, weights, entropy_weights, cfg,
+                                  kl_weights)
 
 
 def linear_dpo_loss(

@@ -37,12 +37,15 @@ def kl_penalty(
     ref_logprobs: torch.Tensor,
     estimator: str = "k3",
     clamp: Optional[float] = None,
+    value_cap: Optional[float] = None,
 ) -> torch.Tensor:
     """Per-token KL estimate of the policy to the reference policy, float64, shape of ``logp``.
 
     k = ref - logp, clamped to [-clamp, clamp] when ``clamp`` is given (verl clamps at 20 / 10), then
     "k1" = -k, "abs" = |k|, "k2" = k^2 / 2, "k3" = e^k - k - 1 (Schulman's estimators, verl's names).
     "k1+" / "k3+": the value of k1 / k3 with the gradient of k2 (straight-through, verl's "+" suffix).
+    ``value_cap``: the value is clamped to [-value_cap, value_cap] (verl caps k3 at 10, OpenRLHF every
+    estimator), with zero gradient where the cap binds, except that "+" estimators keep k2's gradient.
     Differentiable in ``logp``; ``ref_logprobs`` is treated as a constant.
     """
     logp = logp.to(torch.float64)
@@ -51,7 +54,12 @@ def kl_penalty(
         k = torch.clamp(k, -clamp, clamp)
     if estimator not in KL_TERMS:
         raise ValueError(f"estimator: expected one of {tuple(KL_TERMS)}, got {estimator!r}")
-    return KL_TERMS[estimator](k)
+    if value_cap is None:
+        return KL_TERMS[estimator](k)
+    value = torch.clamp(KL_TERMS[estimator.rstrip("+")](k), -value_cap, value_cap)
+    if estimator.endswith("+"):
+        return 0.5 * k * k + (value - 0.5 * k * k).detach()
+    return value
 
 
 def _straight_through(value):
@@ -175,8 +183,9 @@ def policy_loss_from_logprobs(
         sapo   l = -sigmoid(tau (r - 1)) (4 / tau) A, tau = sapo_temp_pos if A > 0 else sapo_temp_neg
         gpg    l = -A logp
 
-    then l *= is_weights (no gradient), total = l + kl_coef * kl_penalty(logp, ref) when ``ref_logprobs``
-    is given, and loss = aggregate(total, m, loss_agg) - entropy_coef * aggregate(H, m, entropy_agg) with
+    then l *= is_weights (no gradient), and loss = aggregate(l, m, loss_agg) + kl_coef * aggregate(kl, m,
+    kl_agg) - entropy_coef * aggregate(H, m, entropy_agg) with kl = kl_penalty(logp, ref, kl_estimator,
+    kl_clamp, kl_value_cap) when ``ref_logprobs`` is given (kl_agg, entropy_agg None: loss_agg) and
     H = entropy ("exact") or -logp ("sampled"). Masked tokens contribute nothing and get zero gradient.
     Metrics (0-d, detached): clip_frac_low / clip_frac_high (fraction of unmasked tokens with r below
     1-eps_low and A < 0 / above 1+eps_high and A > 0), ratio_mean, ratio_max (0 when all masked),
@@ -222,14 +231,15 @@ def policy_loss_from_logprobs(
     kl = torch.zeros_like(logp)
     if ref_logprobs is not None:
         ref = torch.where(unmasked, _as_2d(ref_logprobs).detach().to(torch.float64), logp.detach())
-        kl = kl_penalty(logp, ref, cfg.kl_estimator, cfg.kl_clamp)
-        per_token = per_token + cfg.kl_coef * kl
+        kl = kl_penalty(logp, ref, cfg.kl_estimator, cfg.kl_clamp, cfg.kl_value_cap)
 
     if cfg.entropy_mode == "exact":
         h = torch.where(unmasked, _as_2d(entropy.to(torch.float64)), 0.0)
     else:
         h = -logp
     loss = aggregate(per_token, m, cfg.loss_agg, normalizer)
+    if cfg.kl_coef != 0:
+        loss = loss + cfg.kl_coef * aggregate(kl, m, cfg.resolved_kl_agg, normalizer)
     if cfg.entropy_coef != 0:
         loss = loss - cfg.entropy_coef * aggregate(h, m, cfg.resolved_entropy_agg, normalizer)
 
