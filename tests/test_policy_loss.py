@@ -118,8 +118,8 @@ def _loss_scale(logp, entropy, old_logprobs, advantages, mask, ref_logprobs, con
     m = mask.to(torch.float64)
     if ref_logprobs is not None and config.kl_coef != 0.0:
         ref = torch.where(m > 0, ref_logprobs.to(torch.float64), logp)
-        kl = reference.kl_penalty(logp, ref, config.kl_estimator, config.kl_clamp)
-        scale = scale + abs(config.kl_coef) * reference.aggregate(kl.abs(), m, config.loss_agg, normalizer).abs()
+        kl = reference.kl_penalty(logp, ref, config.kl_estimator, config.kl_clamp, config.kl_value_cap)
+        scale = scale + abs(config.kl_coef) * reference.aggregate(kl.abs(), m, config.resolved_kl_agg, normalizer).abs()
     if config.entropy_coef != 0.0:
         h = entropy.detach().to(torch.float64) if config.entropy_mode == "exact" else -logp
         bonus = reference.aggregate(h.abs(), m, config.resolved_entropy_agg, normalizer)

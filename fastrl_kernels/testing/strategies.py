@@ -198,7 +198,8 @@ def policy_configs(
     temperatures: Sequence[float] = (1.0, 1.0, 0.7, 1.3),
 ) -> PolicyLossConfig:
     """``PolicyLossConfig`` over every loss type, KL estimator, entropy mode and aggregation (TRL aliases
-    included), with eps in [0, 0.5], optional delta / dual clip / KL clamp, and small coefficients.
+    included; the KL and entropy terms' own aggregations too), with eps in [0, 0.5], optional delta / dual
+    clip / KL clamp / KL value cap, and small coefficients.
 
     A nonzero ``kl_coef`` needs ``ref_logprobs`` (``policy_inputs`` always provides them).
     """
@@ -214,6 +215,8 @@ def policy_configs(
         kl_coef=draw(st.sampled_from((0.0, 0.01, 0.1, 1.0))) if with_kl else 0.0,
         kl_estimator=draw(st.sampled_from(KL_ESTIMATORS)),
         kl_clamp=draw(st.sampled_from((None, None, 0.5, 10.0, 20.0))),
+        kl_value_cap=draw(st.sampled_from((None, None, 0.05, 10.0))),
+        kl_agg=draw(st.none() | st.sampled_from(agg_names)),
         entropy_coef=draw(st.sampled_from((0.0, 0.01, 0.1))) if with_entropy else 0.0,
         entropy_mode=draw(st.sampled_from(ENTROPY_MODES)),
         entropy_agg=draw(st.none() | st.sampled_from(agg_names)),
