@@ -1,15 +1,11 @@
 """verl integration: helpers on the core op, and policy losses equal to verl 0.9.1's registered ones.
 
-verl's package ``__init__`` imports ray (for its distributed DataProto) and its tracking module imports
-orjson; neither is used by ``core_algos``' loss functions. When they are not installed, the fixture
-imports verl with empty stand-ins for those two modules and removes the stand-ins afterwards.
+verl is imported by ``tests/verl_import.py`` (stand-ins for its ray and orjson imports when they are
+missing).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
 import types
 
 import pytest
@@ -17,6 +13,7 @@ import torch
 
 from fastrl_kernels.integrations import verl as fk_verl
 from tests.docs_examples import doc_example
+from tests.verl_import import import_core_algos
 
 MODES = ["vanilla", "gspo", "sapo", "cispo", "gpg"]
 AGGS = ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
@@ -24,23 +21,7 @@ AGGS = ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", 
 
 @pytest.fixture(scope="module")
 def core_algos():
-    if importlib.util.find_spec("verl") is None:
-        pytest.skip("verl parity tests need `pip install --no-deps verl==0.9.1` (+ light deps)")
-    stand_ins = {}
-    for name in ("ray", "orjson"):
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            module = types.ModuleType(name)
-            module.ObjectRef = object
-            stand_ins[name] = sys.modules[name] = module
-    try:
-        return importlib.import_module("verl.trainer.ppo.core_algos")
-    except ImportError as error:
-        pytest.skip(f"verl.trainer.ppo.core_algos does not import here: {error}")
-    finally:
-        for name in stand_ins:
-            sys.modules.pop(name, None)
+    return import_core_algos()
 
 
 def _actor_config(**fields):

@@ -6,9 +6,6 @@ verl tests skip when verl is not importable, the reference and refusal tests run
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
 import types
 
 import numpy as np
@@ -18,6 +15,7 @@ import torch
 import fastrl_kernels as fk
 from fastrl_kernels.ops import outcome_advantages as ops
 from fastrl_kernels.reference import outcome_advantages as ref
+from tests.verl_import import import_core_algos
 
 ESTIMATORS = sorted(ops.ESTIMATORS)
 # Ids in no order, uneven groups: 7 has one row, 3 has equal rewards (see _batch), 11 has four.
@@ -26,23 +24,7 @@ INDEX = [5, 3, 11, 5, 7, 3, 11, 11, 3, 5, 11, 2, 2]
 
 @pytest.fixture(scope="module")
 def core_algos():
-    if importlib.util.find_spec("verl") is None:
-        pytest.skip("verl parity tests need `pip install --no-deps verl==0.9.1` (+ light deps)")
-    stand_ins = {}
-    for name in ("ray", "orjson"):
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            module = types.ModuleType(name)
-            module.ObjectRef = object
-            stand_ins[name] = sys.modules[name] = module
-    try:
-        return importlib.import_module("verl.trainer.ppo.core_algos")
-    except ImportError as error:
-        pytest.skip(f"verl.trainer.ppo.core_algos does not import here: {error}")
-    finally:
-        for name in stand_ins:
-            sys.modules.pop(name, None)
+    return import_core_algos()
 
 
 def _batch(seed=0, index=INDEX, length=6):
