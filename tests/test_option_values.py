@@ -31,6 +31,7 @@ POLICY_FIELDS = {
     "sapo_temp_neg": ([NAN, INF, 0.0, -1.0], [1e-3, 1.05]),
     "kl_coef": ([NAN, INF, -INF, -0.1], [0.0, 0.04]),
     "kl_clamp": ([NAN, INF, 0.0, -1.0], [None, 1e-3, 20.0]),
+    "kl_value_cap": ([NAN, INF, 0.0, -1.0], [None, 1e-3, 10.0]),
     "entropy_coef": ([NAN, INF, -INF], [-0.01, 0.0, 0.01]),
     "temperature": ([NAN, INF, 0.0, -1.0], [1e-3, 0.7, 1.0]),
 }
