@@ -8,6 +8,7 @@ import torch
 
 import fastrl_kernels as fk
 from tests.backends_under_test import cpu_fused_backends
+from tests.test_linear_options import _NoGradient
 
 BACKENDS = cpu_fused_backends()
 
@@ -36,18 +37,6 @@ def test_double_backward_is_refused_by_the_op_name(backend):
                "gradient is computed outside autograd; use backend='reference' for higher-order gradients")
     with pytest.raises(RuntimeError, match=f"^{re.escape(message)}$"):
         torch.autograd.grad(logp.sum(), z, create_graph=True)
-
-
-class _NoGradient(torch.autograd.Function):
-    """Identity whose backward sends no gradient on."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return None
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
